@@ -1,0 +1,165 @@
+"""Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention.
+
+Attention here is the plain-PyTorch path (SDPA per sequence) that reads the KV pool exactly the way the GPU
+kernels do: a sequence's slots [base, base + kv_len) in temporal order, keys already rotated.
+It does not own the pool or decide what is cached; the runner and the KV pool do.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class BatchMeta:
+    """One forward step over several sequences, flattened into T tokens.
+
+    slot_mapping: [T] pool slot each new token's K/V is written to.
+    seqs: per sequence (q_start, q_len, slot_base, kv_len) with kv_len counted after this step's writes;
+          query i of a sequence sees slots [slot_base, slot_base + kv_len - q_len + i].
+    sample_idx: [N] rows of T whose logits are wanted (the last token of each sequence that samples).
+    """
+
+    slot_mapping: torch.Tensor
+    seqs: list[tuple[int, int, int, int]]
+    sample_idx: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, then cast back before the weight, as the HF reference does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """Normalize a config.json's RoPE fields (old rope_theta + rope_scaling, or new rope_parameters)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(dim: int, params: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim // 2] (fp32) and the cos/sin scale, for rope_type default/linear/llama3/yarn."""
+    base = float(params["rope_theta"])
+    kind = params["rope_type"]
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = params.get("factor")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    original = params.get("original_max_position_embeddings") or max_position_embeddings
+    if kind == "llama3":
+        low_wavelen = original / params["low_freq_factor"]
+        high_wavelen = original / params["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - params["low_freq_factor"]) / (
+            params["high_freq_factor"] - params["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        if factor is None:
+            factor = max_position_embeddings / original
+        return _yarn_inv_freq(dim, base, factor, original, params)
+    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def _yarn_inv_freq(dim: int, base: float, factor: float, original: int, params: dict) -> tuple[torch.Tensor, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class Rope:
+    """RoPE in the "half" layout (dim j pairs with j + D/2), as HF Llama/Qwen checkpoints expect.
+
+    Not an nn.Module: its table is derived from the config, never loaded, so it survives meta-device builds.
+    """
+
+    def __init__(self, head_dim: int, params: dict, max_position_embeddings: int):
+        with torch.device("cpu"):  # real values even when the model is built on the meta device
+            self.inv_freq, self.scale = rope_inv_freq(head_dim, params, max_position_embeddings)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, D] in dtype (computed in fp32)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos, sin: [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache, v_cache: [S, Hkv, D] (one layer of the pool); k, v: [T, Hkv, D]."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta,
+                   scale: float) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step."""
+    out = torch.empty_like(q)
+    for q_start, q_len, base, kv_len in meta.seqs:
+        qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
+        ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
+        vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)
+        if q_len == 1:  # decode: grouped matmuls beat SDPA's math fallback on the CPU
+            out[q_start] = _decode_attention(qs[:, 0], ks, vs, scale)
+            continue
+        mask = None
+        if q_len > 1:
+            # query i sees every cached slot plus new tokens up to itself
+            cols = torch.arange(kv_len, device=q.device)
+            rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
+            mask = cols[None, :] <= rows[:, None]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_start:q_start + q_len] = o.transpose(0, 1)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [H, D]; k, v: [Hkv, L, D] -> [H, D]. Query head h reads KV head h // (H / Hkv); softmax in fp32."""
+    hkv = k.shape[0]
+    qg = q.view(hkv, -1, q.shape[-1])  # [Hkv, G, D]
+    p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)).float() * scale, dim=-1)
+    return torch.bmm(p.to(v.dtype), v).view(q.shape)

@@ -1,0 +1,165 @@
+"""The dense GQA decoder family: Qwen3 (q/k RMSNorm before RoPE), Qwen2 (q/k/v bias) and Llama (neither).
+
+Reads top to bottom: config (HF field names, from config.json) -> modules -> model -> checkpoint-name mapping.
+The checkpoint's q/k/v and gate/up projections are fused here; PACKED says how their tensors fold in.
+It does not load weights (openclaw.loader does) or own the KV pool (the runner passes it in).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from openclaw.models.layers import BatchMeta, RMSNorm, Rope, apply_rope, pool_attention, rope_parameters, write_kv
+from torch import nn
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# fused parameter -> checkpoint tensors in the order they are stacked along the output dim
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass
+class Qwen3Config:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    rope: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        model_type = d["model_type"]
+        heads = d["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias; Llama and Qwen3 only when attention_bias says so
+            attention_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            # Llama and Qwen3 put the attention bias on o_proj too; Qwen2 never does
+            o_bias=model_type != "qwen2" and bool(d.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope=rope_parameters(d),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = self.d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden]; k_cache, v_cache: [S, Hkv, D] (this layer's pool)."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = pool_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = Rope(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
+                k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; k_pool, v_pool: [L, S, Hkv, D] -> logits [N, vocab] (fp32) of sampled rows."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, meta, k_pool[i], v_pool[i])
+        x = self.model.norm(x[meta.sample_idx])
+        return F.linear(x, self.lm_head_weight()).float()
+
+
+def checkpoint_target(name: str) -> tuple[str, int, int] | None:
+    """Map a checkpoint tensor name to (parameter name, packed index, pack size), or None to skip it.
+
+    Packed index -1 means the tensor is the whole parameter.
+    """
+    if "rotary_emb" in name:
+        return None
+    for fused, parts in PACKED.items():
+        for i, part in enumerate(parts):
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), i, len(parts)
+    return name, -1, 1
+
+
+def packed_sizes(cfg: Qwen3Config, fused: str) -> list[int]:
+    """Output rows of each checkpoint tensor folded into a fused parameter."""
+    if fused == "qkv_proj":
+        d = cfg.head_dim
+        return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
+    return [cfg.intermediate_size, cfg.intermediate_size]

@@ -1,0 +1,84 @@
+"""Every tunable of the engine and of sampling: one dataclass field, one default, validated on creation.
+
+CLI options take their defaults from these fields. Nothing here reads the environment or touches torch.
+"""
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from openclaw.errors import OpenClawError
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "openclaw"
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise OpenClawError(msg)
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples. None means: take the model's generation_config value (or the built-in)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.temperature is None or self.temperature >= 0, f"temperature {self.temperature} must be >= 0")
+        _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p {self.top_p} must be in (0, 1]")
+        _check(self.top_k is None or self.top_k >= 0, f"top_k {self.top_k} must be >= 0 (0 disables it)")
+        _check(self.min_p is None or 0 <= self.min_p < 1, f"min_p {self.min_p} must be in [0, 1)")
+        _check(
+            self.repetition_penalty is None or self.repetition_penalty > 0,
+            f"repetition_penalty {self.repetition_penalty} must be > 0 (1 disables it)",
+        )
+        _check(self.max_tokens >= 1, f"max_tokens {self.max_tokens} must be >= 1")
+
+    def with_defaults(self, defaults: dict) -> "SamplingParams":
+        """Fill the None fields from a generation_config-style dict (do_sample False means greedy)."""
+        values = {}
+        for f in fields(self):
+            if getattr(self, f.name) is None and defaults.get(f.name) is not None:
+                values[f.name] = defaults[f.name]
+        if self.temperature is None and defaults.get("do_sample") is False:
+            values["temperature"] = 0.0
+        return replace(self, **values)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature is not None and self.temperature == 0
+
+
+@dataclass
+class EngineConfig:
+    """How the engine is built: which model, where, and how large its KV pool and batches are."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    device: str = "auto"  # "auto" = cuda when present, else cpu
+    dtype: str = "auto"  # "auto" = bfloat16 on cuda, float16 on cpu; "float32" for exact reference runs
+    kv_tokens: int = 32768  # KV pool size in tokens (all sequences together)
+    max_seqs: int = 16  # sequences decoded together at most
+    max_model_len: int | None = None  # per-sequence length cap; None = the model's context length
+    max_batch_tokens: int = 512  # tokens per forward step (prefill is chunked to fit)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    threads: int | None = None  # CPU threads for torch; None = torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
+        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
+               f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
+        _check(self.kv_tokens >= 16, f"kv_tokens {self.kv_tokens} must be >= 16")
+        _check(self.max_seqs >= 1, f"max_seqs {self.max_seqs} must be >= 1")
+        _check(self.max_batch_tokens >= 16, f"max_batch_tokens {self.max_batch_tokens} must be >= 16")
+        _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")
+        self.cache_dir = Path(self.cache_dir).expanduser()

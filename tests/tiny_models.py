@@ -1,0 +1,41 @@
+"""Tiny random checkpoints of the real architectures, saved by transformers (the reference) as safetensors."""
+
+from pathlib import Path
+
+import torch
+from openclaw.models.layers import BatchMeta
+
+from openclaw.kv_pool import KVPool
+
+TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6}
+
+
+def make_hf_model(kind: str, path: Path, **overrides):
+    """Save a random transformers model of `kind` (llama, qwen2, qwen3) to path; return the HF model (fp32)."""
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[kind]
+    kw = dict(TINY, **overrides)
+    if kind == "qwen3":
+        kw.setdefault("head_dim", 24)  # Qwen3 decouples head_dim from hidden / heads
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**kw)).eval()
+    with torch.no_grad():  # random norms and biases so parity covers them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def full_forward(model, ids: list[int], dtype=torch.float32) -> torch.Tensor:
+    """Our model over ids in one step through a fresh pool: logits [T, V] of every position."""
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, len(ids), cfg.num_key_value_heads, cfg.head_dim, dtype, "cpu")
+    T = len(ids)
+    meta = BatchMeta(slot_mapping=torch.arange(T), seqs=[(0, T, 0, T)], sample_idx=torch.arange(T))
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.arange(T), meta, pool.k, pool.v)
