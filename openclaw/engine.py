@@ -1,0 +1,112 @@
+"""Glue: model + KV pool + scheduler + runner + sampler. Token ids in, token ids out.
+
+Text (chat templates, detokenizing, stop strings) lives at the edges; stop strings reach the engine only as
+abort() calls from the edge that saw them.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+
+from openclaw.config import EngineConfig, SamplingParams
+from openclaw.errors import OpenClawError
+from openclaw.kv_pool import KVPool
+from openclaw.loader import generation_defaults, load_model, resolve_dtype
+from openclaw.runner import Runner
+from openclaw.sampler import sample
+from openclaw.scheduler import Scheduler
+from openclaw.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# used where the checkpoint's generation_config is silent (llama.cpp's defaults)
+BUILTIN_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OpenClawError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def eos_ids(gen: dict, extra: set[int] = frozenset()) -> set[int]:
+    eos = gen.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids | set(extra)
+
+
+class Engine:
+    def __init__(self, model_dir: Path, config: EngineConfig, extra_eos: set[int] = frozenset()):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = pick_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_model(model_dir, self.device, self.dtype)
+        mc = self.model.config
+        self.generation_config = generation_defaults(model_dir)
+        self.eos_ids = eos_ids(self.generation_config, extra_eos)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.pool = KVPool(mc.num_hidden_layers, config.kv_tokens, mc.num_key_value_heads, mc.head_dim,
+                           self.dtype, self.device)
+        self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens)
+        self.runner = Runner(self.model, self.pool, self.device)
+        self.generators: dict[int, torch.Generator] = {}
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        if not prompt_ids:
+            raise OpenClawError("the prompt is empty: nothing to generate from")
+        if len(prompt_ids) >= self.max_model_len:
+            raise OpenClawError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                f"{self.max_model_len}; shorten it")
+        params = params.with_defaults(self.generation_config).with_defaults(BUILTIN_SAMPLING)
+        seq = Sequence(list(prompt_ids), params, max_len=self.max_model_len)
+        if seq.slots_needed() > self.pool.num_slots:
+            raise OpenClawError(f"the request needs {seq.slots_needed()} KV slots but the pool has "
+                                f"{self.pool.num_slots}; lower max_tokens or raise --kv-tokens")
+        if params.seed is not None:
+            self.generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """One forward over the scheduled batch; returns (sequence, new token) for each that sampled."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, seqs = self.runner.step(batch)
+        if not seqs:
+            return []
+        if self.dtype == torch.float16 and not torch.isfinite(logits).all():
+            raise OpenClawError("activations overflowed float16 (non-finite logits); rerun with --dtype bfloat16 "
+                                "or --dtype float32")
+        histories = [s.token_ids for s in seqs]
+        gens = [self.generators.get(s.seq_id) for s in seqs]
+        tokens = sample(logits, [s.params for s in seqs], histories, gens).tolist()
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+            if token in self.eos_ids and not seq.params.ignore_eos:
+                self.finish(seq, "stop")
+            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
+                self.finish(seq, "length")
+        return list(zip(seqs, tokens))
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence now (eos, length, a stop string seen at the edge, or the user's abort)."""
+        if not seq.finished:
+            self.scheduler.finish(seq, reason)
+            self.generators.pop(seq.seq_id, None)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run every prompt to completion in shared batches; sequences in the prompts' order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        while self.has_work():
+            self.step()
+        return seqs
