@@ -251,7 +251,7 @@ def main() -> None:
     try:
         app()
     except OpenClawError as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)  # one line, even when piped
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[dim]interrupted[/dim]")

@@ -1,0 +1,5 @@
+"""`python -m openclaw` is the `openclaw` command."""
+
+from openclaw.cli import main
+
+main()

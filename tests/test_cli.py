@@ -1,0 +1,118 @@
+"""The `openclaw` command as a user meets it: bad input gets one line on stderr and exit code 2, never a traceback."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_models import make_hf_model
+
+from openclaw.hub import resolve_model
+
+
+def openclaw(*args, cache, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "openclaw", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={"OPENCLAW_CACHE": str(cache), "PATH": "/usr/bin:/bin",
+                                                "HOME": str(cache), "COLUMNS": "80"})
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def smol_dir(smollm2_gguf, tmp_path_factory):
+    return resolve_model(str(smollm2_gguf), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    p = tmp_path / "prompt.txt"
+    p.write_text("What is the capital of France?\n")
+    return p
+
+
+def tiny_dir(tmp_path, smol_dir, **overrides):
+    """A tiny random llama checkpoint with SmolLM2's tokenizer files beside it."""
+    make_hf_model("llama", tmp_path, **overrides)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol_dir / name, tmp_path / name)
+    return tmp_path
+
+
+def test_unknown_model_names_the_closest(prompt, tmp_path):
+    r = openclaw("run", prompt, "--model", "Qwen3-23B", cache=tmp_path)
+    assert_one_line_error(r, "unknown model 'Qwen3-23B'", "Qwen3-32B")
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert_one_line_error(openclaw("run", tmp_path / "empty.txt", cache=tmp_path), "empty")
+
+
+def test_missing_prompt_file(tmp_path):
+    assert_one_line_error(openclaw("run", tmp_path / "nope.txt", cache=tmp_path), "does not exist")
+
+
+def test_bad_flag_value(prompt, tmp_path):
+    assert_one_line_error(openclaw("run", prompt, "--temperature", "-1", cache=tmp_path), "temperature")
+
+
+@pytest.mark.slow
+def test_truncated_shard(prompt, tmp_path, smol_dir):
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "model.safetensors")
+
+
+@pytest.mark.slow
+def test_missing_shard(prompt, tmp_path, smol_dir):
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    weights = {}
+    from safetensors.torch import load_file, save_file
+    weights = load_file(model / "model.safetensors")
+    names = sorted(weights)
+    (model / "model.safetensors").unlink()
+    save_file({n: weights[n] for n in names[:5]}, model / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {n: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, n in enumerate(names)}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path),
+                          "model-00002-of-00002.safetensors", "missing")
+
+
+@pytest.mark.slow
+def test_unsupported_architecture_config(prompt, tmp_path, smol_dir):
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="mamba", architectures=["MambaForCausalLM"])
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "'mamba'", "not supported")
+
+
+def test_unsupported_gguf_architecture(prompt, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny-mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(openclaw("run", prompt, "--model", path, cache=tmp_path), "mamba")
+
+
+@pytest.mark.slow
+def test_run_answers_on_stdout_only(prompt, tmp_path, smol_dir):
+    r = openclaw("run", prompt, "--model", smol_dir, "--temperature", "0", "--max-tokens", "24", cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "tok/s" in r.stderr and "tok/s" not in r.stdout
