@@ -20,8 +20,17 @@ from openclaw.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# used where the checkpoint's generation_config is silent (llama.cpp's defaults)
-BUILTIN_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+# transformers' GenerationConfig defaults, used where the checkpoint's generation_config is silent
+HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_defaults(gen: dict) -> dict:
+    """What a checkpoint's generation_config means, read as transformers reads it: without do_sample=True the
+    model decodes greedily (SmolLM2's config is such a one); with it, unset fields take transformers' defaults."""
+    defaults = HF_SAMPLING | {k: v for k, v in gen.items() if k in HF_SAMPLING and v is not None}
+    if not gen.get("do_sample"):
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def pick_device(name: str) -> torch.device:
@@ -48,6 +57,7 @@ class Engine:
         self.model = load_model(model_dir, self.device, self.dtype)
         mc = self.model.config
         self.generation_config = generation_defaults(model_dir)
+        self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_ids = eos_ids(self.generation_config, extra_eos)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.pool = KVPool(mc.num_hidden_layers, config.kv_tokens, mc.num_key_value_heads, mc.head_dim,
@@ -62,7 +72,7 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise OpenClawError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                                 f"{self.max_model_len}; shorten it")
-        params = params.with_defaults(self.generation_config).with_defaults(BUILTIN_SAMPLING)
+        params = params.with_defaults(self.sampling_defaults)
         seq = Sequence(list(prompt_ids), params, max_len=self.max_model_len)
         if seq.slots_needed() > self.pool.num_slots:
             raise OpenClawError(f"the request needs {seq.slots_needed()} KV slots but the pool has "

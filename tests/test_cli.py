@@ -13,8 +13,8 @@ from openclaw.hub import resolve_model
 
 
 def openclaw(*args, cache, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "openclaw", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={"OPENCLAW_CACHE": str(cache), "PATH": "/usr/bin:/bin",
+    return subprocess.run([sys.executable, "-m", "openclaw", *map(str, args)], check=False, capture_output=True,
+                          text=True, timeout=timeout, env={"OPENCLAW_CACHE": str(cache), "PATH": "/usr/bin:/bin",
                                                 "HOME": str(cache), "COLUMNS": "80"})
 
 

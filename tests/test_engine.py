@@ -78,3 +78,15 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf, tmp_path):
     got = full_forward(ours, ids)
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() == 1.0
+
+
+def test_generation_config_is_read_as_transformers_reads_it():
+    from openclaw.engine import sampling_defaults
+
+    assert sampling_defaults({"eos_token_id": 2})["temperature"] == 0.0  # silent config: greedy
+    qwen3 = sampling_defaults({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20})
+    assert (qwen3["temperature"], qwen3["top_p"], qwen3["top_k"], qwen3["min_p"]) == (0.6, 0.95, 20, 0.0)
+    assert sampling_defaults({"do_sample": True})["temperature"] == 1.0
+    assert sampling_defaults({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
+    # a flag always wins over the config
+    assert SamplingParams(temperature=0.5).with_defaults(sampling_defaults({})).temperature == 0.5
