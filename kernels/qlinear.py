@@ -1,0 +1,334 @@
+"""Group-quantized linear layers: the one internal 4/8-bit weight layout (QuantWeight), its Triton kernels and the
+plain-PyTorch reference.
+
+Layout of a weight W [N, K] (out, in): qweight uint8, bits=4: [N, K // 2] (low nibble = even k, high nibble = odd
+k), bits=8: [N, K]; scales fp16 [N, K // group]; offsets fp16 [N, K // group] or None; lut fp32 [16] or None.
+w[n, k] = c(q[n, k]) * scales[n, k // group] + offsets[n, k // group], c(q) = lut[q] if lut is not None else q.
+It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; up to GEMV_CHUNKED_ROWS rows run as several launches
+GEMV_CHUNKED_ROWS = 32  # above this the weight is dequantized to x.dtype in chunks and multiplied by torch
+DEQUANT_CHUNK_BYTES = 64 << 20  # the prefill path's dequantized-weight workspace (the memory planner counts it)
+
+
+@dataclass
+class QuantWeight:
+    """A group-quantized weight [N, K] = shape; see the module docstring for the layout."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    lut: torch.Tensor | None
+    bits: int
+    group: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        n, k = self.shape = tuple(self.shape)
+        assert self.bits in (4, 8), f"bits {self.bits} must be 4 or 8"
+        assert self.group > 0 and k % self.group == 0, f"group {self.group} must divide K={k}"
+        assert self.qweight.dtype == torch.uint8 and tuple(self.qweight.shape) == (n, k * self.bits // 8), \
+            f"qweight {self.qweight.dtype} {tuple(self.qweight.shape)} must be uint8 [{n}, {k * self.bits // 8}]"
+        assert self.scales.dtype == torch.float16 and tuple(self.scales.shape) == (n, k // self.group), \
+            f"scales {self.scales.dtype} {tuple(self.scales.shape)} must be float16 [{n}, {k // self.group}]"
+        assert self.offsets is None or (self.offsets.dtype == torch.float16 and self.offsets.shape == self.scales.shape)
+        assert self.lut is None or (self.lut.dtype == torch.float32 and tuple(self.lut.shape) == (16,) and self.bits == 4)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets, self.lut)
+                   if t is not None)
+
+    def to(self, device: torch.device | str) -> "QuantWeight":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return QuantWeight(move(self.qweight), move(self.scales), move(self.offsets), move(self.lut), self.bits,
+                           self.group, self.shape)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [N, K] (uint8)."""
+        if self.bits == 8:
+            return self.qweight
+        q = self.qweight
+        return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] in dtype, computed in fp32 (the reference)."""
+        c = self.codes()
+        c = self.lut.to(c.device)[c.long()] if self.lut is not None else c.float()
+        n, k = self.shape
+        w = c.view(n, k // self.group, self.group) * self.scales.float()[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets.float()[..., None]
+        return w.view(n, k).to(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized rows W[ids] -> [len(ids), K] (an embedding lookup that never dequantizes the whole table)."""
+        sub = QuantWeight(self.qweight[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
+                          self.lut, self.bits, self.group, (ids.numel(), self.shape[1]))
+        return sub.dequantize(dtype)
+
+
+def _gemv_configs() -> list[triton.Config]:
+    shapes = [(8, 512, 4), (4, 1024, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 512, 8)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
+
+
+def _prune_gemv_configs(configs, named_args, **kwargs):
+    group = kwargs.get("GROUP", named_args.get("GROUP"))
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] >= group]
+    if not named_args["x_ptr"].is_cuda:
+        # Triton's interpreter (CPU tensors) runs programs one by one: few large tiles keep real shapes fast there
+        return [triton.Config({"BLOCK_N": 256, "BLOCK_K": max(4096, group)})]
+    # weights under 4 MiB take microseconds whatever the tile: not worth compiling and timing every config
+    return fit if named_args["N"] * named_args["K"] >= 1 << 22 else fit[:1]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "M", "BITS", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_gemv_configs})
+@triton.jit
+def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn,
+                  stride_ym, M: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+                  HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias) for m < M <= 8: one program per BLOCK_N rows of W, looping over K
+    in tiles of BLOCK_K // GROUP whole groups. Per group the codes are dotted with x first and scaled once, and the
+    offset term is offsets x sum(x over the group), so the inner loop does one multiply-add per weight."""
+    G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
+    CPB: tl.constexpr = 8 // BITS  # codes per byte
+    GB: tl.constexpr = GROUP // CPB  # bytes per group
+    i_n = tl.program_id(0).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_g = tl.arange(0, G)
+    o_b = tl.arange(0, GB)
+    o_m = tl.arange(0, M_PAD)
+    num_groups = K // GROUP
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, G, GB), dtype=tl.float32)
+    for g0 in range(0, num_groups, G):
+        m_g = (g0 + o_g) < num_groups
+        p_q = qw_ptr + o_n[:, None, None] * stride_qn + ((g0 + o_g) * GB)[None, :, None] + o_b[None, None, :]
+        b_q = tl.load(p_q, mask=m_n[:, None, None] & m_g[None, :, None], other=0)
+        p_s = s_ptr + o_n[:, None] * stride_sn + (g0 + o_g)[None, :]
+        m_ng = m_n[:, None] & m_g[None, :]
+        b_s = tl.load(p_s, mask=m_ng, other=0.0).to(tl.float32)
+        if HAS_OFFSETS:
+            b_o = tl.load(o_ptr + o_n[:, None] * stride_sn + (g0 + o_g)[None, :], mask=m_ng, other=0.0).to(tl.float32)
+        if BITS == 4:
+            c_lo = b_q & 0xF
+            c_hi = b_q >> 4
+            if HAS_LUT:
+                w_lo = tl.load(lut_ptr + c_lo.to(tl.int32))
+                w_hi = tl.load(lut_ptr + c_hi.to(tl.int32))
+            else:
+                w_lo = c_lo.to(tl.float32)
+                w_hi = c_hi.to(tl.float32)
+        else:
+            w_lo = b_q.to(tl.float32)
+        o_k = ((g0 + o_g) * GROUP)[:, None] + o_b[None, :] * CPB  # [G, GB]: k of each byte's low code
+        if M == 1:  # decode at batch 1: accumulate elementwise, reduce once after the loop (no shuffles per tile)
+            x_lo = tl.load(x_ptr + o_k, mask=m_g[:, None], other=0.0).to(tl.float32)
+            if BITS == 4:
+                x_hi = tl.load(x_ptr + o_k + 1, mask=m_g[:, None], other=0.0).to(tl.float32)
+                t = (w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :]) * b_s[:, :, None]
+                x_sum = x_lo + x_hi
+            else:
+                t = w_lo * x_lo[None, :, :] * b_s[:, :, None]
+                x_sum = x_lo
+            if HAS_OFFSETS:
+                t += b_o[:, :, None] * x_sum[None, :, :]
+            acc3 += t
+        for m in tl.static_range(M if M > 1 else 0):
+            p_x = x_ptr + m * stride_xm + o_k
+            x_lo = tl.load(p_x, mask=m_g[:, None], other=0.0).to(tl.float32)
+            if BITS == 4:
+                x_hi = tl.load(p_x + 1, mask=m_g[:, None], other=0.0).to(tl.float32)
+                part = tl.sum(w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], axis=2)
+                x_sum = tl.sum(x_lo + x_hi, axis=1)
+            else:
+                part = tl.sum(w_lo * x_lo[None, :, :], axis=2)
+                x_sum = tl.sum(x_lo, axis=1)
+            y = tl.sum(part * b_s, axis=1)
+            if HAS_OFFSETS:
+                y += tl.sum(b_o * x_sum[None, :], axis=1)
+            acc += tl.where(o_m[:, None] == m, y[None, :], 0.0)
+    if M == 1:
+        acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_y = y_ptr + o_m[:, None] * stride_ym + o_n[None, :]
+    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=(o_m[:, None] < M) & m_n[None, :])
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """w[n, k] for one group column and BLOCK_N rows per program: grid (cdiv(N, BLOCK_N), K // GROUP)."""
+    CPB: tl.constexpr = 8 // BITS
+    GB: tl.constexpr = GROUP // CPB
+    i_n = tl.program_id(0).to(tl.int64)
+    i_g = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_b = tl.arange(0, GB)
+    b_q = tl.load(qw_ptr + o_n[:, None] * stride_qn + i_g * GB + o_b[None, :], mask=m_n[:, None], other=0)
+    b_s = tl.load(s_ptr + o_n * stride_sn + i_g, mask=m_n, other=0.0).to(tl.float32)[:, None]
+    b_o = 0.0
+    if HAS_OFFSETS:
+        b_o = tl.load(o_ptr + o_n * stride_sn + i_g, mask=m_n, other=0.0).to(tl.float32)[:, None]
+    p_w = w_ptr + o_n[:, None] * stride_wn + i_g * GROUP + o_b[None, :] * CPB
+    if BITS == 4:
+        c_lo = b_q & 0xF
+        c_hi = b_q >> 4
+        if HAS_LUT:
+            w_lo = tl.load(lut_ptr + c_lo.to(tl.int32))
+            w_hi = tl.load(lut_ptr + c_hi.to(tl.int32))
+        else:
+            w_lo = c_lo.to(tl.float32)
+            w_hi = c_hi.to(tl.float32)
+        tl.store(p_w, (w_lo * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        tl.store(p_w + 1, (w_hi * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+    else:
+        tl.store(p_w, (b_q.to(tl.float32) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+
+
+def _kernel_ok(qw: QuantWeight) -> bool:
+    g = qw.group
+    return 16 <= g <= 1024 and g & (g - 1) == 0
+
+
+def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given."""
+    M, K = x.shape
+    N = qw.shape[0]
+    assert 1 <= M <= GEMV_MAX_ROWS and K == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
+    assert _kernel_ok(qw), f"group {qw.group} must be a power of two in [16, 1024]"
+    assert x.stride(1) == 1 and qw.qweight.is_contiguous() and qw.scales.is_contiguous()
+    assert x.device == qw.device and (bias is None or bias.shape == (N,))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    assert y.shape == (M, N) and y.stride(1) == 1
+    s = qw.scales
+    _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, qw.qweight, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
+        s if bias is None else bias, y, N, K, x.stride(0), qw.qweight.stride(0), s.stride(0), y.stride(0),
+        M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None,
+        HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M))
+    return y
+
+
+def dequantize(qw: QuantWeight, dtype: torch.dtype, rows: tuple[int, int] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the weight (all by default) dequantized by the Triton kernel -> [stop - start, K]."""
+    start, stop = rows or (0, qw.shape[0])
+    assert 0 <= start < stop <= qw.shape[0] and _kernel_ok(qw)
+    N, K = stop - start, qw.shape[1]
+    w = torch.empty(N, K, dtype=dtype, device=qw.device) if out is None else out
+    assert w.shape == (N, K) and w.stride(1) == 1
+    s = qw.scales[start:stop]
+    block_n = 32
+    _dequant_kernel[(triton.cdiv(N, block_n), K // qw.group)](
+        qw.qweight[start:stop], s, s if qw.offsets is None else qw.offsets[start:stop],
+        s if qw.lut is None else qw.lut, w, N, K, qw.qweight.stride(0), s.stride(0), w.stride(0), BITS=qw.bits,
+        GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None, BLOCK_N=block_n)
+    return w
+
+
+def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x.dtype. Up to GEMV_CHUNKED_ROWS rows: the fused GEMV (8 rows per launch);
+    more (prefill): chunks of DEQUANT_CHUNK_BYTES of dequantized weight, each multiplied by torch (cuBLAS)."""
+    K = qw.shape[1]
+    assert x.shape[-1] == K, f"x has {x.shape[-1]} features, the weight {K}"
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, N = x2.shape[0], qw.shape[0]
+    if M == 0:  # a prefill chunk that samples no row asks lm_head for nothing
+        return x.new_empty(*x.shape[:-1], N)
+    if not _kernel_ok(qw):
+        return qlinear_ref(x, qw, bias).to(x.dtype)
+    if M <= GEMV_CHUNKED_ROWS:
+        y = torch.cat([qgemv(x2[i:i + GEMV_MAX_ROWS], qw, bias) for i in range(0, M, GEMV_MAX_ROWS)]) \
+            if M > GEMV_MAX_ROWS else qgemv(x2, qw, bias)
+    else:
+        rows = max(16, DEQUANT_CHUNK_BYTES // (K * x.element_size()) // 16 * 16)
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        for start in range(0, N, rows):
+            stop = min(N, start + rows)
+            y[:, start:stop] = F.linear(x2, dequantize(qw, x.dtype, (start, stop)),
+                                        None if bias is None else bias[start:stop])
+    return y.view(*x.shape[:-1], N)
+
+
+def qlinear_ref(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle: dequantize in fp32 and matmul in fp32 -> [..., N] fp32."""
+    y = x.float() @ qw.dequantize(torch.float32).T
+    return y if bias is None else y + bias.float()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes [N, K] (0..2^bits-1) -> qweight uint8 in the internal layout."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
+    """Stack weights along N (q/k/v into qkv). Parts of different layouts meet in the widest one: 8-bit codes if
+    any part has them, the smallest group (scales repeated), offsets where any part has them (zeros elsewhere)."""
+    if len({None if p.lut is None else tuple(p.lut.tolist()) for p in parts}) > 1:
+        raise ValueError("cannot fuse weights with different code tables (lut)")
+    k = parts[0].shape[1]
+    assert all(p.shape[1] == k for p in parts), f"parts disagree on K: {[p.shape for p in parts]}"
+    bits = max(p.bits for p in parts)
+    group = min(p.group for p in parts)
+    any_offsets = any(p.offsets is not None for p in parts)
+    qweights, scales, offsets = [], [], []
+    for p in parts:
+        qweights.append(p.qweight if p.bits == bits else pack_codes(p.codes(), bits))
+        scales.append(p.scales.repeat_interleave(p.group // group, dim=1))
+        if any_offsets:
+            o = p.offsets if p.offsets is not None else torch.zeros_like(p.scales)
+            offsets.append(o.repeat_interleave(p.group // group, dim=1))
+    n = sum(p.shape[0] for p in parts)
+    return QuantWeight(torch.cat(qweights), torch.cat(scales), torch.cat(offsets) if any_offsets else None,
+                       parts[0].lut, bits, group, (n, k))
+
+
+def quantize_rtn(w: torch.Tensor, bits: int = 4, group: int = 128, device: torch.device | str | None = None,
+                 chunk_rows: int = 4096) -> QuantWeight:
+    """Round-to-nearest asymmetric group quantization of w [N, K] (min/max per group -> scales and offsets), for
+    8-bit embeddings / lm_head, tests and the benchmark. Works chunk_rows rows at a time on `device` (default:
+    w's), so a large bf16 host tensor never exists there in fp32 at once."""
+    n, k = w.shape
+    assert k % group == 0, f"group {group} must divide K={k}"
+    device = w.device if device is None else device
+    qweight = torch.empty(n, k * bits // 8, dtype=torch.uint8, device=device)
+    scales = torch.empty(n, k // group, dtype=torch.float16, device=device)
+    offsets = torch.empty_like(scales)
+    qmax = 2 ** bits - 1
+    for start in range(0, n, chunk_rows):
+        wg = w[start:start + chunk_rows].to(device).float().view(-1, k // group, group)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        scale = ((hi - lo) / qmax).clamp_min(1e-8).half()
+        offset = lo.half()
+        codes = ((wg - offset.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, qmax)
+        qweight[start:start + chunk_rows] = pack_codes(codes.view(-1, k), bits)
+        scales[start:start + chunk_rows], offsets[start:start + chunk_rows] = scale, offset
+    return QuantWeight(qweight, scales, offsets, None, bits, group, (n, k))

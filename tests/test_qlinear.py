@@ -1,0 +1,125 @@
+"""kernels/qlinear.py: the fused dequantize + GEMV and the prefill path against the fp32 reference (Triton's
+interpreter on the CPU, the real kernels on CUDA), on tiny, odd and real Qwen3-32B shapes, 4 and 8 bits, with and
+without offsets and a code table; plus the layout helpers (packing, fusing, RTN)."""
+
+import pytest
+import torch
+from conftest import assert_close
+from openclaw.kernels.qlinear import (
+    QuantWeight,
+    concat_rows,
+    dequantize,
+    pack_codes,
+    qgemv,
+    qlinear,
+    qlinear_ref,
+    quantize_rtn,
+)
+from openclaw.models.layers import QuantLinear
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0, 0.0796, 0.1609, 0.2461,
+                    0.3379, 0.4407, 0.5626, 0.7230, 1.0])
+QWEN3_32B = [(8192, 5120), (25600, 5120), (5120, 25600)]  # (N, K): q_proj, gate/up, down_proj
+
+
+def random_weight(n: int, k: int, bits: int, group: int, offsets: bool, lut: bool, seed: int = 0) -> QuantWeight:
+    """Random codes and scales in the layout (not a quantized matrix: the kernel must not care)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (n, k), generator=g)
+    scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).half()
+    offs = (torch.randn(n, k // group, generator=g) * 0.05).half() if offsets else None
+    return QuantWeight(pack_codes(codes, bits), scales, offs, NF4.clone() if lut else None, bits, group,
+                       (n, k)).to(DEV)
+
+
+def check(qw: QuantWeight, m: int, dtype=torch.float32, bias: bool = False) -> None:
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, qw.shape[1], generator=g).to(DEV, dtype)
+    b = torch.randn(qw.shape[0], generator=g).to(DEV, dtype) if bias else None
+    ref = qlinear_ref(x, qw, b)
+    if m <= 8:
+        out = torch.full((m, qw.shape[0]), float("nan"), dtype=dtype, device=DEV)
+        qgemv(x, qw, b, out=out)
+        assert_close(out, ref, dtype, matmul=True)
+    assert_close(qlinear(x, qw, b), ref, dtype, matmul=True)
+
+
+LAYOUTS = [(4, 16, True, False), (4, 32, False, True), (4, 64, True, False), (4, 128, False, False),
+           (8, 16, True, False), (8, 32, False, False), (8, 128, True, False)]
+
+
+@pytest.mark.parametrize("bits,group,offsets,lut", LAYOUTS)
+def test_tiny(bits, group, offsets, lut):
+    qw = random_weight(8, 2 * group, bits, group, offsets, lut)
+    for m in (1, 2, 8):
+        check(qw, m)
+
+
+@pytest.mark.parametrize("bits,group,offsets,lut", LAYOUTS)
+def test_odd_shapes(bits, group, offsets, lut):
+    """5 rows and 3 groups: every tile is partial; M = 3, 8, 13 (two launches) and 40 (the prefill path)."""
+    qw = random_weight(5, 3 * group, bits, group, offsets, lut, seed=1)
+    for m in (3, 8, 13, 40):
+        check(qw, m, bias=True)
+
+
+def test_dequantize_kernel_writes_every_element():
+    qw = random_weight(37, 5 * 32, 4, 32, True, False)
+    out = torch.full((20, 160), float("nan"), device=DEV)
+    dequantize(qw, torch.float32, rows=(10, 30), out=out)
+    assert_close(out, qw.dequantize()[10:30], torch.float32)
+
+
+@pytest.mark.parametrize("n,k", QWEN3_32B)
+def test_real_shapes_awq_layout(n, k):
+    check(random_weight(n, k, 4, 128, True, False), 1)
+
+
+@pytest.mark.parametrize("bits,group,offsets,lut", [(4, 64, False, True), (8, 32, True, False)])
+def test_real_shape_nf4_and_8bit(bits, group, offsets, lut):
+    check(random_weight(8192, 5120, bits, group, offsets, lut), 1)
+
+
+def test_pack_codes_layout():
+    """Low nibble = even k, high nibble = odd k."""
+    codes = torch.tensor([[1, 2, 3, 4]])
+    assert pack_codes(codes, 4).tolist() == [[0x21, 0x43]]
+    qw = QuantWeight(pack_codes(codes, 4), torch.ones(1, 1).half(), None, None, 4, 4, (1, 4))
+    assert qw.dequantize().tolist() == [[1.0, 2.0, 3.0, 4.0]]
+
+
+def test_concat_rows_widens_mixed_layouts():
+    """q (4-bit, group 32) and v (8-bit, group 16, no offsets) fuse into one 8-bit group-16 weight, same values."""
+    a = random_weight(3, 64, 4, 32, True, False).to("cpu")
+    b = random_weight(2, 64, 8, 16, False, False).to("cpu")
+    fused = concat_rows([a, b])
+    assert (fused.bits, fused.group, fused.shape) == (8, 16, (5, 64))
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_rtn_error_bound(bits):
+    w = torch.randn(64, 256)
+    qw = quantize_rtn(w, bits, 64, chunk_rows=16)
+    step = qw.scales.float().repeat_interleave(64, dim=1)
+    assert ((qw.dequantize() - w).abs() <= step * 0.5 + 1e-3).all()
+
+
+def test_quant_linear_on_cpu_is_the_reference():
+    layer = QuantLinear(96, 5, bias=True)
+    layer.qweight = random_weight(5, 96, 4, 32, True, False).to("cpu")
+    layer.bias = torch.nn.Parameter(torch.randn(5))
+    x = torch.randn(4, 96)
+    assert_close(layer(x), qlinear_ref(x, layer.qweight, layer.bias), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k", QWEN3_32B + [(151936, 5120)])
+def test_gpu_real_shapes_bf16(n, k):
+    for bits, group, offsets, lut in [(4, 128, True, False), (4, 64, False, True), (8, 128, True, False)]:
+        qw = random_weight(n, k, bits, group, offsets, lut)
+        for m in (1, 5, 8, 16, 512):
+            check(qw, m, torch.bfloat16, bias=m == 5)

@@ -1,0 +1,188 @@
+"""GGUF blocks -> QuantWeight: each repacked type dequantizes to what gguf.quants.dequantize gives, tiny llama / qwen3
+GGUF files (mixed types, llama's permuted Q/K) load quantized with the greedy output of their dequantized import,
+and corrupt files are refused."""
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import full_forward
+
+from openclaw.errors import OpenClawError
+from openclaw.gguf_import import import_gguf
+from openclaw.loader import load_model
+from openclaw.quant_formats import iter_quantized
+from openclaw.quant_gguf import REPACKED, gguf_to_quant, iter_gguf
+
+Q = gguf.GGMLQuantizationType
+H, HEADS, KV, D, INTER, LAYERS = 256, 4, 2, 64, 512, 2  # K-quant rows need K a multiple of 256
+# every repacked type, and fused q/k/v and gate/up parts of different types (the loader widens them)
+TYPES = {"token_embd": Q.Q4_K, "output": Q.Q6_K, "attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q6_K,
+         "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K}
+HF_NAMES = {"embed_tokens": "token_embd", "lm_head": "output", "q_proj": "attn_q", "k_proj": "attn_k",
+            "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+            "down_proj": "ffn_down"}
+
+
+def blocks(qtype: gguf.GGMLQuantizationType, n: int, k: int, rng: np.random.Generator,
+           exact: bool = True) -> np.ndarray:
+    """Raw blocks uint8 [n, k / block * bytes] of plausible weights (|w| <~ 0.3): the gguf package's own
+    quantizer where it has one; else random codes and scales, with d (and dmin) powers of two when `exact`, so
+    that the sub-block products d * sc fit float16."""
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0):
+        return gguf.quants.quantize((rng.standard_normal((n, k)) * 0.1).astype(np.float32), qtype)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+    e = rng.integers(-16, -13, (len(raw), 1)) if qtype == Q.Q6_K else rng.integers(-12, -9, (len(raw), 1))
+    d = 2.0**e if exact else 2.0**e * rng.uniform(1, 2, e.shape)
+    d16 = d.astype(np.float16).view(np.uint8)
+    if qtype == Q.Q4_K:  # w = d * sc * q - dmin * m, sc, m, q >= 0: dmin = 8 d centres it
+        raw[:, 0:2], raw[:, 2:4] = d16, (8 * d).astype(np.float16).view(np.uint8)
+    else:
+        raw[:, 208:210] = d16
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", list(REPACKED))
+def test_repack_dequantizes_exactly_like_gguf(qtype):
+    rng = np.random.default_rng(int(qtype))
+    n, k = 5, 512
+    raw = blocks(qtype, n, k, rng)
+    qw = gguf_to_quant("w", raw, qtype, (n, k))
+    assert (qw.bits, qw.group, qw.shape) == (*REPACKED[qtype], (n, k))
+    assert torch.equal(qw.dequantize(), torch.from_numpy(gguf.quants.dequantize(raw, qtype)))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
+def test_k_quant_sub_block_scales_are_rounded_once(qtype):
+    """With arbitrary d the products d * sc and dmin * m need more than float16's 11 bits: each is rounded once,
+    so every weight is within 2^-11 of |code * scale| + |offset| of gguf's value."""
+    raw = blocks(qtype, 6, 512, np.random.default_rng(1), exact=False)
+    qw = gguf_to_quant("w", raw, qtype, (6, 512))
+    err = (qw.dequantize() - torch.from_numpy(gguf.quants.dequantize(raw, qtype))).abs()
+    scales, offsets = (t.float().repeat_interleave(qw.group, 1) for t in (qw.scales, qw.offsets))
+    bound = 2**-11 * ((qw.codes().float() * scales).abs() + offsets.abs())
+    assert 0 < err.max() and bool((err <= bound).all())
+
+
+def test_q4_0_block_by_hand():
+    """ggml's Q4_0 block: fp16 d, then 16 bytes; element j is the low nibble of byte j, element j + 16 its high
+    nibble; w = d * (q - 8)."""
+    qs = np.array([(15 - j) << 4 | j for j in range(16)], np.uint8)
+    raw = np.concatenate([np.array([0.5], np.float16).view(np.uint8), qs])[None]
+    qw = gguf_to_quant("w", raw, Q.Q4_0, (1, 32))
+    assert qw.codes()[0].tolist() == list(range(16)) + list(range(15, -1, -1))
+    assert (qw.scales.item(), qw.offsets.item()) == (0.5, -4.0)
+    assert qw.dequantize()[0, :3].tolist() == [-4.0, -3.5, -3.0]
+
+
+def greedy(model, prompt: list[int], steps: int = 12) -> tuple[list[int], torch.Tensor]:
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(full_forward(model, ids)[-1].argmax()))
+    return ids[len(prompt):], full_forward(model, ids)
+
+
+def bytes_to_unicode() -> list[str]:
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_gguf(path: Path, arch: str) -> None:
+    """A 2-layer llama / qwen3 GGUF whose weights are all quantized (TYPES) and whose norms are float32."""
+    tokens = [*bytes_to_unicode(), "<|im_start|>", "<|im_end|>"]
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in [("block_count", LAYERS), ("context_length", 256), ("embedding_length", H),
+                       ("feed_forward_length", INTER), ("attention.head_count", HEADS),
+                       ("attention.head_count_kv", KV), ("attention.key_length", D), ("rope.dimension_count", D)]:
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", 1e6)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 256 + [3, 3])
+    w.add_eos_token_id(len(tokens) - 1)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), H), "output.weight": (len(tokens), H), "output_norm.weight": (H,)}
+    for i in range(LAYERS):
+        shapes |= {f"blk.{i}.attn_norm.weight": (H,), f"blk.{i}.ffn_norm.weight": (H,),
+                   f"blk.{i}.attn_q.weight": (HEADS * D, H), f"blk.{i}.attn_k.weight": (KV * D, H),
+                   f"blk.{i}.attn_v.weight": (KV * D, H), f"blk.{i}.attn_output.weight": (H, HEADS * D),
+                   f"blk.{i}.ffn_gate.weight": (INTER, H), f"blk.{i}.ffn_up.weight": (INTER, H),
+                   f"blk.{i}.ffn_down.weight": (H, INTER)}
+        if arch == "qwen3":
+            shapes |= {f"blk.{i}.attn_q_norm.weight": (D,), f"blk.{i}.attn_k_norm.weight": (D,)}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+        else:
+            qtype = TYPES[name.split(".")[-2]]
+            w.add_tensor(name, blocks(qtype, *shape, rng), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_tiny_gguf_model_loads_quantized_with_its_dequantized_greedy_output(tmp_path, arch):
+    """The reference is the existing importer (gguf.quants.dequantize to float32, Q/K un-permuted for llama)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", arch)
+    ref_dir = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache")
+    q_dir = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache", quantized=True)
+    assert q_dir != ref_dir and (q_dir / "model.gguf").is_symlink() and not list(q_dir.glob("*.safetensors"))
+    assert import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache", quantized=True) == q_dir  # cached
+    raw = json.loads((q_dir / "config.json").read_text())
+    assert raw["quantization_config"]["quant_method"] == "gguf"
+    with safe_open(str(ref_dir / "model.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    got = dict(iter_quantized(q_dir, raw))
+    assert got.keys() == ref.keys()
+    for name, t in got.items():
+        if isinstance(t, torch.Tensor):
+            assert t.dim() == 1 and torch.equal(t, ref[name]), name
+        else:
+            assert (t.bits, t.group) == REPACKED[TYPES[HF_NAMES[name.split(".")[-2]]]], name
+            assert torch.equal(t.dequantize(), ref[name]), name
+    ours = load_model(q_dir, torch.device("cpu"), torch.float32)
+    reference = load_model(ref_dir, torch.device("cpu"), torch.float32)
+    assert ours.quantized and not reference.quantized
+    prompt = [3, 17, 99, 5, 60, 2, 41, 7]
+    tokens, logits = greedy(ours, prompt)
+    ref_tokens, ref_logits = greedy(reference, prompt)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupt_or_missing_gguf_is_refused(tmp_path):
+    with pytest.raises(OpenClawError, match=r"GGUF tensor blk\.0\.attn_q\.weight \(Q4_K.* the file is corrupt"):
+        gguf_to_quant("blk.0.attn_q.weight", np.zeros((4, 100), np.uint8), Q.Q4_K, (4, 256))
+    write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "tiny.gguf").read_bytes()[:200_000])
+    with pytest.raises(OpenClawError, match="not a readable GGUF file"):
+        list(iter_gguf(cut))
+    q_dir = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache", quantized=True)
+    (tmp_path / "tiny.gguf").unlink()
+    with pytest.raises(OpenClawError, match="does not exist"):
+        load_model(q_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.slow
+def test_smollm2_loads_quantized_like_its_float32_import(smollm2_gguf, smol_model_dir, tmp_path):
+    """The real file (Q4_1 linears, Q8_0 tied embedding, llama's permuted Q/K): every repack is exact, so the
+    quantized model and the float32 import give the same logits (and so the same argmax) at every position."""
+    q_dir = import_gguf(smollm2_gguf, tmp_path / "cache", quantized=True)
+    ours = load_model(q_dir, torch.device("cpu"), torch.float32)
+    reference = load_model(smol_model_dir, torch.device("cpu"), torch.float32)
+    assert ours.model.embed_tokens.qweight.bits == 8 and ours.model.layers[0].mlp.down_proj.qweight.group == 32
+    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 28, 3735, 8, 905, 5356, 314]
+    logits, ref_logits = full_forward(ours, ids), full_forward(reference, ids)
+    assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
