@@ -1,0 +1,115 @@
+"""Batch mode (`openclaw run --jsonl IN --out OUT`): JSONL items in, one answer row per item out, in order.
+
+Every item is decoded in shared batches through llm.Streams. An item that cannot run (not JSON, unknown or bad
+fields, too long for the context) gets an "error" row and the others still run. It does not print: the CLI
+draws the progress bar from the callback and reports the totals.
+"""
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from openclaw.config import SamplingParams
+from openclaw.errors import OpenClawError
+from openclaw.llm import LLM, Request
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+ITEM_FIELDS = {"prompt", "messages", "system", "id", "think", "think_budget"} | SAMPLING_FIELDS
+
+
+@dataclass
+class BatchResult:
+    rows: list[dict]  # one per input line, in input order
+    failed: int
+    completion_tokens: int
+    seconds: float  # decoding time, from the first request admitted to the last token
+
+
+def read_items(path: Path) -> list[dict | str]:
+    """The non-blank lines of a JSONL file: an object each, or the error message of a line that is not one."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise OpenClawError(f"{path} does not exist") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise OpenClawError(f"{path} is not UTF-8 text ({e})") from None
+    items: list[dict | str] = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                item = f"line {n} is not JSON ({e})"
+            items.append(item if isinstance(item, (dict, str)) else f"line {n} is not a JSON object")
+    if not items:
+        raise OpenClawError(f"{path} has no items: write one JSON object per line, with \"prompt\" or \"messages\"")
+    return items
+
+
+def _request(llm: LLM, item: dict | str, defaults: SamplingParams, system: str | None, think: bool | None,
+             think_budget: int | None) -> Request:
+    if isinstance(item, str):
+        raise OpenClawError(item)
+    unknown = sorted(set(item) - ITEM_FIELDS)
+    if unknown:
+        raise OpenClawError(f"unknown field {', '.join(map(repr, unknown))}; items take {', '.join(sorted(ITEM_FIELDS))}")
+    if isinstance(item.get("messages"), list) and item["messages"]:
+        messages = item["messages"]
+    elif isinstance(item.get("prompt"), str) and item["prompt"].strip():
+        sys_msg = item.get("system", system)
+        messages = ([{"role": "system", "content": sys_msg}] if sys_msg else []) + [
+            {"role": "user", "content": item["prompt"]}]
+    else:
+        raise OpenClawError("needs \"prompt\" (non-empty text) or \"messages\" (a non-empty list)")
+    try:
+        params = replace(defaults, **{k: v for k, v in item.items() if k in SAMPLING_FIELDS})
+    except TypeError as e:  # e.g. "temperature": "hot" fails the range checks with a TypeError
+        raise OpenClawError(f"bad sampling field: {e}") from None
+    return llm.chat_request(messages, params, item.get("think", think), item.get("think_budget", think_budget))
+
+
+def run_batch(llm: LLM, items: list[dict | str], defaults: SamplingParams, system: str | None = None,
+              think: bool | None = None, think_budget: int | None = None,
+              progress: Callable[[int, int, int], None] | None = None) -> BatchResult:
+    """Answer every item; progress(items done, items, tokens generated) after each engine step."""
+    rows: list[dict] = [{"index": i} | ({"id": it["id"]} if isinstance(it, dict) and "id" in it else {})
+                        for i, it in enumerate(items)]
+    streams = llm.streams()
+    keys: dict[int, int] = {}
+    for i, item in enumerate(items):
+        try:
+            keys[streams.add(_request(llm, item, defaults, system, think, think_budget))] = i
+        except OpenClawError as e:
+            rows[i]["error"] = str(e)
+    failed = len(items) - len(keys)
+    texts = {i: ["", ""] for i in keys.values()}
+    done = tokens = 0
+    t0 = time.perf_counter()
+    try:
+        while streams:
+            for d in streams.step():
+                i = keys[d.index]
+                texts[i][0] += d.text
+                texts[i][1] += d.reasoning
+                if d.finish_reason:
+                    done += 1
+                    tokens += len(d.seq.output_ids)
+                    rows[i] |= {"text": texts[i][0]} | ({"reasoning": texts[i][1]} if texts[i][1] else {}) | {
+                        "prompt_tokens": d.seq.prompt_len, "completion_tokens": len(d.seq.output_ids),
+                        "finish_reason": d.finish_reason}
+            if progress:
+                progress(done + failed, len(items), tokens)
+    finally:
+        streams.close()
+    return BatchResult(rows, failed, tokens, time.perf_counter() - t0)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    try:
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise OpenClawError(f"could not write {path}: {e.strerror}") from None

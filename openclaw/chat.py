@@ -1,0 +1,328 @@
+"""`openclaw chat`: the terminal chat. A REPL over one LLM that streams answers through rich.
+
+It owns the conversation (messages, system prompt, thinking switch and budget, /save and /load) and the
+terminal (readline input with history, multi-line entry, Ctrl-C stopping an answer, Ctrl-D leaving). It talks
+to the user, like cli.py; decoding, the reasoning split and the thinking budget live in llm.py.
+"""
+
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from openclaw.config import SamplingParams
+from openclaw.errors import OpenClawError
+from openclaw.llm import LLM
+
+HELP = [
+    ("/think on|off", "Qwen3-style thinking on or off (the template's switch)"),
+    ("/think-budget N|off", "close the thinking after N tokens (injects </think>)"),
+    ("/system TEXT", "set the system message (no TEXT: remove it)"),
+    ("/reset", "start a new conversation (settings stay)"),
+    ("/stats", "speed, context and KV use, memory"),
+    ("/save FILE", "write the conversation and settings as JSON"),
+    ("/load FILE", "read a conversation written by /save"),
+    ("/help", "this list"),
+    ("/exit", "leave (or Ctrl-D)"),
+]
+_FORMAT = "openclaw-chat/1"
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float = 0.0
+    decode_tok_s: float = 0.0
+    finish_reason: str = ""
+    kv_len: int = 0  # KV entries the answer's sequence held at its end (prompt + answer, less what was evicted)
+    kv_capacity: int = 0  # pool slots it owned
+
+
+@dataclass
+class Chat:
+    llm: LLM
+    params: SamplingParams
+    out: Console
+    err: Console
+    system: str | None = None
+    think: bool | None = None
+    think_budget: int | None = None
+    history_file: Path | None = None
+    messages: list[dict] = field(default_factory=list)
+    last: TurnStats = field(default_factory=TurnStats)
+    turns: int = 0
+    generated: int = 0
+    _stop: bool = False
+
+
+    def run(self) -> None:
+        readline = _setup_readline(self.history_file)
+        self.err.print("[dim]Type a message; /help lists commands; Ctrl-C stops an answer; Ctrl-D leaves.[/dim]")
+        try:
+            while True:
+                try:
+                    text = self.read()
+                except EOFError:
+                    self.out.print()
+                    return
+                except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
+                    self.out.print()
+                    continue
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text) == "exit":
+                        return
+                elif text.strip():
+                    self.turn(text[1:] if text.startswith("//") else text)
+        finally:
+            if readline and self.history_file:
+                readline.write_history_file(self.history_file)
+
+    def read(self) -> str:
+        """One message: a trailing backslash continues the line; \"\"\" opens a block closed by \"\"\"."""
+        line = input(_prompt("> ", "1;32"))
+        if line.strip().startswith('"""'):
+            lines, line = [], line.strip()[3:]
+            while not line.rstrip().endswith('"""'):
+                lines.append(line)
+                line = input(_prompt("… ", "2"))
+            lines.append(line.rstrip()[:-3])
+            return "\n".join(lines).strip("\n")
+        lines = []
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            line = input(_prompt("… ", "2"))
+        return "\n".join([*lines, line])
+
+
+    def conversation(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _limits(self) -> tuple[int, int]:
+        """(prompt tokens at most, tokens kept free for the answer). Without eviction the whole turn must fit the
+        pool and the context; with it only a pinned prompt must fit the budget (the answer's KV is evicted)."""
+        engine = self.llm.engine
+        ev = engine.config.evict
+        if ev.evicts and ev.pin_prompt:
+            return ev.budget - ev.protect_recent - 1, 0
+        limit = engine.max_model_len if ev.evicts else min(engine.max_model_len, engine.pool.num_slots)
+        return limit, min(self.params.max_tokens, limit // 4)
+
+    def _fit(self) -> int:
+        """Drop the oldest turns until the prompt leaves room to answer; how many messages were dropped."""
+        limit, room = self._limits()
+        dropped = 0
+        while len(self.llm.chat_ids(self.conversation(), **self._template())) + room > limit and len(self.messages) > 1:
+            del self.messages[0]
+            dropped += 1
+            while len(self.messages) > 1 and self.messages[0]["role"] != "user":
+                del self.messages[0]
+                dropped += 1
+        return dropped
+
+    def _template(self) -> dict:
+        return {} if self.think is None else {"enable_thinking": self.think}
+
+    def turn(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        try:
+            if dropped := self._fit():
+                self.err.print(f"[dim](dropped the {dropped} oldest messages to fit the context)[/dim]")
+            request = self.llm.chat_request(self.conversation(), self.params, self.think, self.think_budget)
+            streams = self.llm.streams()
+            key = streams.add(request)
+        except OpenClawError as e:
+            self.messages.pop()
+            self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+            return
+        answer, reasoning, stats = self._stream(streams, key, len(request.prompt_ids))
+        if stats.finish_reason == "abort":
+            self.err.print("[dim](stopped)[/dim]")
+        elif stats.finish_reason == "length":
+            self.err.print(f"[dim](stopped at --max-tokens {self.params.max_tokens})[/dim]")
+        # The assistant turn keeps its reasoning apart: the template decides whether later prompts show it
+        # (Qwen3's drops it from turns before the last user message).
+        self.messages.append({"role": "assistant", "content": answer.strip(), "reasoning_content": reasoning.strip()})
+        self.last, self.turns, self.generated = stats, self.turns + 1, self.generated + stats.completion_tokens
+
+    def _stream(self, streams, key: int, prompt_tokens: int) -> tuple[str, str, TurnStats]:
+        answer = reasoning = ""
+        stats = TurnStats(prompt_tokens=prompt_tokens, finish_reason="abort")
+        self._stop = False
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        t0 = time.perf_counter()
+        first = None
+        try:
+            while streams and not self._stop:
+                for d in streams.step():
+                    if first is None:
+                        first = time.perf_counter()
+                    if d.reasoning:
+                        if not reasoning:
+                            self.out.print("thinking: ", style="dim italic", end="")
+                        self.out.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
+                        reasoning += d.reasoning
+                    if d.text:
+                        if reasoning and not answer:
+                            self.out.print("\n")
+                        self.out.print(d.text, end="", markup=False, highlight=False)
+                        answer += d.text
+                    stats.completion_tokens = len(d.seq.output_ids)
+                    stats.kv_len, stats.kv_capacity = d.seq.kv_len, d.seq.capacity
+                    if d.finish_reason:
+                        stats.finish_reason = d.finish_reason
+        finally:
+            streams.close()
+            signal.signal(signal.SIGINT, previous)
+        end = time.perf_counter()
+        self.out.print()
+        stats.first_token_s = (first or end) - t0
+        if first is not None and stats.completion_tokens > 1 and end > first:
+            stats.decode_tok_s = (stats.completion_tokens - 1) / (end - first)
+        return answer, reasoning, stats
+
+    def _on_interrupt(self, signum, frame) -> None:
+        self._stop = True  # checked between engine steps, so the engine never stops halfway through one
+
+
+    def command(self, text: str) -> str | None:
+        name, _, arg = text.strip().partition(" ")
+        arg = arg.strip()
+        handlers = {"/think": self._think, "/think-budget": self._think_budget, "/system": self._system,
+                    "/reset": self._reset, "/stats": self._stats, "/save": self._save, "/load": self._load,
+                    "/help": self._help}
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name not in handlers:
+            self.err.print(f"unknown command {name}; /help lists them (start a message with // to send a /)")
+            return None
+        try:
+            handlers[name](arg)
+        except OpenClawError as e:
+            self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        return None
+
+    def _note(self, text: str) -> None:
+        self.err.print(f"[dim]{text}[/dim]", soft_wrap=True)
+
+    def _think(self, arg: str) -> None:
+        if arg not in ("on", "off"):
+            raise OpenClawError(f"/think takes on or off, not {arg!r}")
+        self.think = arg == "on"
+        switch = "" if self.llm.has_thinking_switch else " (this model's chat template has no thinking switch)"
+        self._note(f"thinking {arg}{switch}")
+
+    def _think_budget(self, arg: str) -> None:
+        if arg in ("off", "0"):
+            self.think_budget = None
+            self._note("thinking budget off")
+            return
+        if not arg.isdigit():
+            raise OpenClawError(f"/think-budget takes a number of tokens or off, not {arg!r}")
+        self.think_budget = int(arg)
+        self._note(f"thinking closes after {self.think_budget} tokens")
+
+    def _system(self, arg: str) -> None:
+        self.system = arg or None
+        self._note(f"system message set: {arg}" if arg else "system message removed")
+
+    def _reset(self, arg: str) -> None:
+        self.messages = []
+        self._note("conversation cleared")
+
+    def _stats(self, arg: str) -> None:
+        engine, s = self.llm.engine, self.last
+        context = len(self.llm.chat_ids(self.conversation(), **self._template())) if self.messages else 0
+        table = Table(show_header=False, box=None, pad_edge=False)
+        if self.turns:
+            table.add_row("last answer", f"{s.completion_tokens} tokens ({s.finish_reason}), {s.decode_tok_s:.1f} tok/s "
+                          f"decode, first token {s.first_token_s * 1000:.0f} ms, prompt {s.prompt_tokens} tokens")
+        table.add_row("session", f"{self.turns} answers, {self.generated} tokens generated")
+        table.add_row("context", f"{context} tokens in the conversation; the model takes {engine.max_model_len}")
+        evict = engine.config.evict
+        budget = f", eviction {evict.policy} keeps {evict.budget} per sequence" if evict.evicts else ""
+        held = f"the last answer held {s.kv_len} KV entries in its {s.kv_capacity} slots; " if self.turns else ""
+        table.add_row("KV", f"{held}pool of {engine.pool.num_slots} slots{budget}")
+        table.add_row("memory", _memory(engine))
+        params = self.params.with_defaults(engine.sampling_defaults).__dict__
+        table.add_row("sampling", ", ".join(f"{k} {v}" for k, v in params.items() if v is not None and v != []
+                                            and v is not False))
+        self.err.print(table)
+
+    def _save(self, arg: str) -> None:
+        if not arg:
+            raise OpenClawError("/save needs a file name")
+        data = {"format": _FORMAT, "model": self.llm.config.model, "system": self.system, "think": self.think,
+                "think_budget": self.think_budget, "messages": self.messages}
+        try:
+            Path(arg).expanduser().write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OpenClawError(f"could not write {arg}: {e.strerror}") from e
+        self._note(f"saved {len(self.messages)} messages to {arg}")
+
+    def _load(self, arg: str) -> None:
+        if not arg:
+            raise OpenClawError("/load needs a file name")
+        try:
+            data = json.loads(Path(arg).expanduser().read_text(encoding="utf-8"))
+        except OSError as e:
+            raise OpenClawError(f"could not read {arg}: {e.strerror}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenClawError(f"{arg} is not a saved chat ({e})") from e
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise OpenClawError(f"{arg} is not a chat written by /save (no \"format\": \"{_FORMAT}\")")
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in messages):
+            raise OpenClawError(f"{arg}: \"messages\" must be a list of user/assistant messages with text content")
+        self.messages, self.system = messages, data.get("system")
+        self.think, self.think_budget = data.get("think"), data.get("think_budget")
+        self._note(f"loaded {len(messages)} messages from {arg}")
+        for m in messages[-2:]:
+            self.out.print(f"{m['role']}: ", style="bold", end="")
+            self.out.print(m["content"], markup=False, highlight=False)
+
+    def _help(self, arg: str) -> None:
+        table = Table(show_header=False, box=None, pad_edge=False)
+        for name, what in HELP:
+            table.add_row(f"[bold]{name}[/bold]", what)
+        self.err.print(table)
+        self._note('Multi-line: end a line with \\ to continue it, or wrap the text in """ ... """.')
+
+
+def _prompt(text: str, sgr: str) -> str:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return text  # piped: no colour codes in the output
+    # readline counts the prompt's width; \001 ... \002 mark the escape codes as zero-width
+    return f"\001\033[{sgr}m\002{text}\001\033[0m\002"
+
+
+def _setup_readline(history_file: Path | None):
+    """Line editing and history through the stdlib's readline, where the platform has it."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return None
+    readline.set_history_length(1000)
+    if history_file is not None:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        if history_file.is_file():
+            readline.read_history_file(history_file)
+    return readline
+
+
+def _memory(engine) -> str:
+    if engine.device.type != "cuda":
+        return f"{engine.device.type}: weights and KV in host memory ({engine.dtype})"
+    import torch
+
+    used, peak = torch.cuda.memory_allocated(engine.device), torch.cuda.max_memory_allocated(engine.device)
+    vram = engine.config.vram
+    cap = vram * 2**30 if vram else torch.cuda.get_device_properties(engine.device).total_memory
+    return f"VRAM {used / 2**30:.2f} GiB in use, peak {peak / 2**30:.2f} GiB, cap {cap / 2**30:.1f} GiB"

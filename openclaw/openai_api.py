@@ -1,0 +1,220 @@
+"""The OpenAI wire format for the server: request bodies -> validated Requests, Deltas -> responses and chunks.
+
+Anything a client can get wrong becomes an ApiError (a 4xx status and OpenAI's error body), never an exception
+from deeper down. No HTTP and no threads here (server.py); no tool-call parsing: tools reach the chat
+template, and the model's tool-call text comes back as content.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from openclaw.config import SamplingParams
+from openclaw.errors import OpenClawError
+from openclaw.llm import LLM, Delta, Request
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Api:
+    """What the server serves: one loaded model under one name, and its request defaults."""
+
+    llm: LLM
+    model_name: str
+    max_tokens: int  # when a request gives none (capped by the context left after the prompt)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "openclaw",
+                "max_model_len": self.llm.engine.max_model_len}
+
+
+def _check_model(api: Api, body: dict) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "\"model\" is required", param="model")
+    if model.lower() != api.model_name.lower():
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{api.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def _number(body: dict, name: str, kind: type, lo: float | None = None, hi: float | None = None):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ApiError(400, f"\"{name}\" must be {'a number' if kind is float else 'an integer'}, not {value!r}",
+                       param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ApiError(400, f"\"{name}\" {value} must be in [{lo}, {hi}]", param=name)
+    return kind(value)
+
+
+def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
+    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+        raise ApiError(400, "only n=1 (and best_of=1) is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name):
+            raise ApiError(400, f"\"{name}\" is not supported; use repetition_penalty", param=name)
+    if body.get("logprobs") or body.get("echo") or body.get("suffix"):
+        raise ApiError(400, "logprobs, echo and suffix are not supported", param="logprobs")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+        raise ApiError(400, "\"stop\" must be a string or a list of at most 16 strings", param="stop")
+    context = api.llm.engine.max_model_len
+    room = context - prompt_tokens
+    if room < 1:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens, and the prompt alone has "
+                       f"{prompt_tokens}; shorten it", param="messages", code="context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, name, int, 1)
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                       f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
+                       f"completion). Please reduce the prompt or {name}.", param=name,
+                       code="context_length_exceeded")
+    try:
+        return SamplingParams(
+            temperature=_number(body, "temperature", float, 0, 2), top_p=_number(body, "top_p", float),
+            top_k=_number(body, "top_k", int), min_p=_number(body, "min_p", float),
+            repetition_penalty=_number(body, "repetition_penalty", float), seed=_number(body, "seed", int),
+            max_tokens=max_tokens or min(api.max_tokens, room), stop=stop,
+        )
+    except OpenClawError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _text_content(content, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" for p in content):
+            raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
+        return "".join(str(p.get("text", "")) for p in content)
+    raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "\"messages\" must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}", param="messages")
+        m = {**m, "content": _text_content(m.get("content"), f"messages[{i}]")}
+        if m["role"] == "developer":  # OpenAI's newer name for the system role; templates know "system"
+            m["role"] = "system"
+        out.append(m)
+    return out
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    options = body.get("stream_options") or {}
+    return bool(body.get("stream")), bool(isinstance(options, dict) and options.get("include_usage"))
+
+
+def parse_chat(api: Api, body: dict) -> tuple[Request, "Reply"]:
+    _check_model(api, body)
+    messages = _messages(body)
+    kwargs = body.get("chat_template_kwargs") or {}
+    think = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
+    budget = _number(body, "thinking_budget", int, 1)
+    tools = body.get("tools")
+    try:
+        probe = api.llm.chat_request(messages, SamplingParams(), think, budget, tools if tools else None)
+    except OpenClawError as e:  # the chat template refused this conversation
+        raise ApiError(400, str(e), param="messages") from None
+    request = Request(probe.prompt_ids, _sampling(api, body, len(probe.prompt_ids)), probe.thinking, budget)
+    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body))
+
+
+def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
+    _check_model(api, body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        ids = api.llm.tokenizer.encode(prompt, add_special_tokens=True)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = prompt
+        if max(ids) >= api.llm.tokenizer.vocab_size or min(ids) < 0:
+            raise ApiError(400, f"token ids must be in [0, {api.llm.tokenizer.vocab_size})", param="prompt")
+    else:
+        raise ApiError(400, "\"prompt\" must be a non-empty string (or a list of token ids); one prompt per request",
+                       param="prompt")
+    request = Request(list(ids), _sampling(api, body, len(ids)), split_reasoning=False)
+    return request, Reply("completion", api.model_name, len(ids), *_stream_flags(body))
+
+
+class Reply:
+    """One request's answer in OpenAI's shapes: chunks as deltas arrive (stream) or one body at the end."""
+
+    def __init__(self, kind: str, model: str, prompt_tokens: int, stream: bool, include_usage: bool):
+        self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
+        self.stream, self.include_usage = stream, include_usage
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.text = self.reasoning = ""
+        self.completion_tokens, self.finish_reason = 0, None
+
+    def _object(self, chunk: bool) -> str:
+        return ("chat.completion" if self.kind == "chat" else "text_completion") + (".chunk" if chunk and
+                                                                                     self.kind == "chat" else "")
+
+    def _head(self, chunk: bool) -> dict:
+        return {"id": self.id, "object": self._object(chunk), "created": self.created, "model": self.model}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.reasoning += d.reasoning
+        self.completion_tokens = len(d.seq.output_ids)
+        if d.finish_reason:
+            self.finish_reason = "length" if d.finish_reason == "length" else "stop"
+
+    def final(self) -> dict:
+        if self.kind == "chat":
+            message = {"role": "assistant", "content": self.text}
+            if self.reasoning:
+                message["reasoning_content"] = self.reasoning
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        else:
+            choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.finish_reason}
+        return {**self._head(False), "choices": [choice], "usage": self.usage()}
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
+        chunk = {**self._head(True), "choices": [choice]}
+        return chunk | ({"usage": None} if self.include_usage else {})
+
+    def first_chunk(self) -> dict | None:
+        return self._chunk({"role": "assistant", "content": ""}) if self.kind == "chat" else None
+
+    def chunks(self, d: Delta) -> list[dict]:
+        self.add(d)
+        delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", d.text)) if v}
+        out = [self._chunk(delta)] if delta else []
+        if d.finish_reason:
+            out.append(self._chunk({}, self.finish_reason))
+            if self.include_usage:
+                out.append({**self._head(True), "choices": [], "usage": self.usage()})
+        return out

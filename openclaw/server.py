@@ -1,0 +1,231 @@
+"""`openclaw serve`: an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions, /v1/completions).
+
+Standard library only (http.server): one thread per connection validates a request and renders its prompt;
+one engine thread owns the LLM and decodes every live request in one batch (llm.Streams), fed through a
+queue, with deltas coming back through a queue per request. Errors are OpenAI-style JSON with a 4xx status.
+The OpenAI wire format lives in openai_api.py; this file is the HTTP and threading side. No tool-call parsing.
+"""
+
+import json
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from openclaw.errors import OpenClawError
+from openclaw.llm import LLM, Delta, Request
+from openclaw.openai_api import ApiError, Reply, parse_chat, parse_completion
+
+log = logging.getLogger(__name__)
+MAX_BODY = 32 * 2**20
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine thread. events: "accepted", Delta..., or an ApiError."""
+
+    request: Request
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class EngineLoop(threading.Thread):
+    """The one thread that touches the engine: admits queued jobs between steps, steps, and fans deltas out."""
+
+    def __init__(self, llm: LLM):
+        super().__init__(name="openclaw-engine", daemon=True)
+        self.llm = llm
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.max_batch = 0  # the most requests decoded together so far (GET /health shows it)
+
+    def submit(self, request: Request) -> Job:
+        job = Job(request)
+        self.inbox.put(job)
+        return job
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+
+    def run(self) -> None:
+        streams = self.llm.streams()
+        jobs: dict[int, Job] = {}
+        while True:
+            try:  # block only when idle; otherwise take whatever arrived since the last step
+                job = self.inbox.get(timeout=0.5) if not jobs else self.inbox.get_nowait()
+            except queue.Empty:
+                job = False
+            if job is None:
+                streams.close()
+                return
+            if job:
+                try:
+                    jobs[streams.add(job.request)] = job
+                    job.events.put("accepted")
+                except OpenClawError as e:  # can never fit (context, pool): the client's to fix
+                    job.events.put(ApiError(400, str(e), code="context_length_exceeded"))
+                continue  # admit everything queued before the next step, so arrivals share it
+            for key in [k for k, j in jobs.items() if j.cancelled.is_set()]:
+                streams.cancel(key)
+                del jobs[key]
+            if not jobs:
+                continue
+            self.max_batch = max(self.max_batch, len(jobs))
+            try:
+                deltas = streams.step()
+            except Exception:  # a bug, not the client's fault: fail the live requests and keep serving
+                log.exception("engine step failed")
+                for job in jobs.values():
+                    job.events.put(ApiError(500, "the engine failed on this batch; see the server log",
+                                            kind="server_error"))
+                streams.close()
+                jobs.clear()
+                continue
+            for d in deltas:
+                jobs[d.index].events.put(d)
+                if d.finish_reason:
+                    del jobs[d.index]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "Server"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        if path == "/v1/models":
+            self._json(200, {"object": "list", "data": [self.server.api.model_card()]})
+        elif path == "/v1/models/" + self.server.api.model_name:
+            self._json(200, self.server.api.model_card())
+        elif path in ("/health", "/v1/health"):
+            loop = self.server.loop
+            ok = loop.is_alive()
+            self._json(200 if ok else 503, {"status": "ok" if ok else "down", "max_batch": loop.max_batch})
+        else:
+            self._error(ApiError(404, f"no route GET {path}", code="not_found"))
+
+    def do_POST(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        parse = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}.get(path)
+        try:
+            body = self._body()  # read first, so an error reply leaves no unread bytes on a kept-alive connection
+            if parse is None:
+                raise ApiError(404, f"no route POST {path}", code="not_found")
+            request, reply = parse(self.server.api, body)
+            job = self.server.loop.submit(request)
+            first = self._next(job)
+            if isinstance(first, ApiError):
+                raise first
+            if reply.stream:
+                self._stream(job, reply)
+            else:
+                self._complete(job, reply)
+        except ApiError as e:
+            self._error(e)
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} byte limit")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _next(self, job: Job):
+        while True:
+            try:
+                return job.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self.server.loop.is_alive():
+                    return ApiError(503, "the engine thread has stopped", kind="server_error")
+
+    def _complete(self, job: Job, reply: Reply) -> None:
+        while True:
+            event = self._next(job)
+            if isinstance(event, ApiError):
+                raise event
+            reply.add(event)
+            if event.finish_reason:
+                break
+        self._json(200, reply.final())
+
+    def _stream(self, job: Job, reply: Reply) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            if (first := reply.first_chunk()) is not None:
+                self._chunk(first)
+            while True:
+                event = self._next(job)
+                if isinstance(event, ApiError):  # headers are gone: report in-band, as OpenAI does
+                    self._chunk({"error": event.body()["error"]})
+                    break
+                for chunk in reply.chunks(event):
+                    self._chunk(chunk)
+                if isinstance(event, Delta) and event.finish_reason:
+                    break
+            self._chunk("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled.set()  # the client left: free its slots for the others
+            self.close_connection = True
+
+    def _chunk(self, data) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        payload = f"data: {text}\n\n".encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: ApiError) -> None:
+        self._json(e.status, e.body())
+
+    def log_message(self, format: str, *args) -> None:
+        self.server.log(f"{self.address_string()} {format % args}")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], api, loop: EngineLoop, log: Callable[[str], None]):
+        super().__init__(address, Handler)
+        self.api, self.loop, self.log = api, loop, log
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the client hung up (a reset keep-alive connection, a closed stream): nobody to answer
+        log.exception("request from %s failed", client_address[0])
+
+
+def make_server(llm: LLM, api, host: str, port: int, log: Callable[[str], None] = lambda line: None) -> Server:
+    """A bound server (port 0 picks a free one: server.server_address) with its engine thread started."""
+    loop = EngineLoop(llm)
+    loop.start()
+    return Server((host, port), api, loop, log)
+
+
+def serve_until_interrupted(server: Server) -> None:
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.loop.stop()
+        server.server_close()
+        server.loop.join(timeout=5)

@@ -1,0 +1,64 @@
+"""Batch mode as a user runs it: `openclaw run --jsonl IN --out OUT` on 32 prompts, plus items that fail."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from openclaw.batch import read_items
+from openclaw.errors import OpenClawError
+
+CITIES = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo", "Canada": "Ottawa",
+          "Peru": "Lima", "Italy": None, "Spain": None}  # SmolLM2-135M gets these two wrong
+
+
+def test_read_items_keeps_bad_lines_as_errors(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text('{"prompt": "a"}\n\nnot json\n[1, 2]\n{"messages": []}\n')
+    items = read_items(p)
+    assert items[0] == {"prompt": "a"} and items[3] == {"messages": []}
+    assert items[1].startswith("line 3 is not JSON") and items[2] == "line 4 is not a JSON object"
+    p.write_text("\n \n")
+    with pytest.raises(OpenClawError, match="has no items"):
+        read_items(p)
+
+
+@pytest.mark.slow
+def test_32_prompts_in_order_with_per_item_fields_and_failures(smol_model_dir, tmp_path):
+    countries = list(CITIES)
+    items = [{"id": f"q{i}", "prompt": f"What is the capital of {countries[i % 8]}?"} for i in range(32)]
+    items[5] |= {"max_tokens": 3}
+    items[6] |= {"stop": ["capital"]}
+    items[7] = {"id": "q7", "messages": [{"role": "system", "content": "Answer in one word."},
+                                         {"role": "user", "content": "What color is the sky?"}]}
+    lines = [json.dumps(it) for it in items]
+    lines.insert(9, '{"prompt": "hi", "temperature": -2}')  # items that fail: a bad value, an unknown field,
+    lines.insert(20, '{"prompt": "hi", "max_token": 3}')  # and a line that is not JSON
+    lines.insert(30, "{oops")
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", dst, "--model",
+                        smol_model_dir, "--device", "cpu", "--temperature", "0", "--max-tokens", "12",
+                        "--max-seqs", "32", "--dtype", "float32"], check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "COLUMNS": "200", "OPENCLAW_CACHE": str(tmp_path)})
+    assert r.returncode == 2, r.stderr  # some items failed ...
+    assert re.search(r"32 answers, \d+ tokens in [\d.]+s \([\d.]+ tok/s, 32 at a time\)", r.stderr), r.stderr
+    assert "error: 3 of 35 items failed" in r.stderr
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]  # ... and the others were still written
+    assert [row["index"] for row in rows] == list(range(35))
+    errors = {i: row["error"] for i, row in enumerate(rows) if "error" in row}
+    assert sorted(errors) == [9, 20, 30]
+    assert "temperature -2" in errors[9] and "'max_token'" in errors[20] and "not JSON" in errors[30]
+    answers = [row for row in rows if "error" not in row]
+    assert [row["id"] for row in answers] == [f"q{i}" for i in range(32)]
+    for i, row in enumerate(answers):
+        assert row["text"] and row["prompt_tokens"] > 10 and 1 <= row["completion_tokens"] <= 12, row
+        assert row["finish_reason"] in ("stop", "length")
+        if i not in (5, 6, 7) and (city := CITIES[countries[i % 8]]):  # batched like alone: right where it knows
+            assert city in row["text"], row
+    assert answers[5]["completion_tokens"] == 3 and answers[5]["finish_reason"] == "length"
+    assert answers[6]["finish_reason"] == "stop" and "capital" not in answers[6]["text"]
+    assert "sky" in answers[7]["text"].lower() and answers[7]["prompt_tokens"] < answers[8]["prompt_tokens"]

@@ -1,0 +1,172 @@
+"""`openclaw serve` on loopback, spoken to with the official openai client, as an agent would."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from openclaw.config import EngineConfig
+from openclaw.llm import LLM
+from openclaw.openai_api import Api
+from openclaw.server import make_server
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+@pytest.fixture(scope="module")
+def server(smol_model_dir, tmp_path_factory):
+    """The real CLI serving SmolLM2 (fp32, so batched and single answers agree token for token)."""
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    env = {**os.environ, "COLUMNS": "200", "OPENCLAW_CACHE": str(log.parent)}
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "openclaw", "serve", str(smol_model_dir), "--name", "smol",
+                                 "--port", "0", "--device", "cpu", "--dtype", "float32", "--max-seqs", "4",
+                                 "--kv-tokens", "8192", "--max-tokens", "48"], stdout=f, stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (m := re.search(r"at (http://127\.0\.0\.1:\d+/v1)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield m.group(1), log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client, messages=QUESTION, **kw):
+    return client.chat.completions.create(model="smol", messages=messages, temperature=0, **kw)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smol"] and models[0].owned_by == "openclaw"
+
+
+def test_non_streamed_and_streamed_chat_agree(client):
+    r = chat(client)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 20 and r.usage.completion_tokens > 3
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # streamed, not one block
+
+
+def test_two_concurrent_requests_are_decoded_together(client, server):
+    alone = [chat(client, m, max_tokens=24).choices[0].message.content for m in (STORY, QUESTION)]
+    stamps: dict[int, list[float]] = {0: [], 1: []}
+    texts = ["", ""]
+
+    def run(i, messages):
+        for c in chat(client, messages, max_tokens=24, stream=True):
+            if c.choices and c.choices[0].delta.content:
+                stamps[i].append(time.monotonic())
+                texts[i] += c.choices[0].delta.content
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((STORY, QUESTION))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert texts == alone  # no cross-talk between the sequences of one batch
+    # interleaved: each got its first token before the other got its last (one after the other would not)
+    assert stamps[0][0] < stamps[1][-1] and stamps[1][0] < stamps[0][-1], stamps
+    assert health(server[0])["max_batch"] >= 2
+
+
+def test_stop_sequences_and_length(client):
+    r = chat(client, stop=["Paris"])
+    assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+    assert r.choices[0].message.content.startswith("The capital")
+    r = chat(client, STORY, max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_completions_endpoint(client):
+    r = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert "Paris" in r.choices[0].text and r.usage.completion_tokens == 6
+    streamed = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=6,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 8192") as e:
+        chat(client, max_tokens=100_000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="smol", messages=[])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="smol", messages=QUESTION, temperature=7)
+    req = urllib.request.Request(server[0] + "/chat/completions", data=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server[0] + "/nowhere", timeout=10)
+    assert e.value.code == 404
+    assert health(server[0])["status"] == "ok"
+    assert "Paris" in chat(client).choices[0].message.content
+    assert "Traceback" not in server[1].read_text()
+
+
+def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_thinking_dir):
+    llm = LLM(EngineConfig(model=str(smol_thinking_dir), device="cpu", kv_tokens=4096, max_seqs=4))
+    server = make_server(llm, Api(llm, "smol-think", 40), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
+                               max_retries=0)
+        r = client.chat.completions.create(model="smol-think", messages=STORY, temperature=0,
+                                           extra_body={"thinking_budget": 6})
+        msg = r.choices[0].message
+        assert msg.reasoning_content and msg.content and "think>" not in msg.reasoning_content
+        chunks = list(client.chat.completions.create(model="smol-think", messages=STORY, temperature=0, stream=True,
+                                                     extra_body={"thinking_budget": 6}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == msg.reasoning_content
+        assert "".join(d.content or "" for d in deltas) == msg.content
+        off = client.chat.completions.create(model="smol-think", messages=QUESTION, temperature=0,
+                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert "Paris" in off.choices[0].message.content
+        assert getattr(off.choices[0].message, "reasoning_content", None) is None
+
+        stream = client.chat.completions.create(model="smol-think", messages=STORY, stream=True, max_tokens=2000)
+        next(iter(stream))
+        stream.close()  # the client hangs up mid-answer, long before 2000 tokens
+        pool = llm.engine.pool
+        deadline = time.monotonic() + 5
+        while pool.allocator.num_free != pool.num_slots and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pool.allocator.num_free == pool.num_slots
+    finally:
+        server.shutdown()
+        server.loop.stop()
+        server.server_close()
