@@ -1,0 +1,187 @@
+"""`openclaw calibrate` and `openclaw eval fidelity|needle`: the TriAttention commands, registered by cli.py.
+
+Like cli.py this talks to the user (rich, stderr for progress); the work is in calibrate.py, fidelity.py, needle.py.
+"""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from openclaw.config import EngineConfig, EvictionConfig, default_cache_dir
+from openclaw.errors import OpenClawError
+
+eval_app = typer.Typer(no_args_is_help=True, help="Measure eviction quality against full attention.")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+_E, _V = EngineConfig(), EvictionConfig()
+DEFAULT_CACHE = default_cache_dir()
+CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
+Dtype = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 (fast on CPUs with bf16), float16.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Stats = Annotated[str | None, typer.Option(help="TriAttention stats file (openclaw calibrate), or auto.")]
+Protect = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")]
+
+
+def _load(model: str, device: str, dtype: str, cache_dir: Path):
+    import torch
+
+    from openclaw.engine import pick_device
+    from openclaw.hub import resolve_model
+    from openclaw.loader import load_model, resolve_dtype
+    from openclaw.tokenizer import Tokenizer
+
+    model_dir = resolve_model(model, cache_dir)
+    dev = pick_device(device)
+    torch.manual_seed(0)
+    return load_model(model_dir, dev, resolve_dtype(dtype, dev)), Tokenizer.from_dir(model_dir), model_dir.name
+
+
+def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
+    ids = []
+    for p in paths:
+        try:
+            ids += tokenizer.encode(p.read_text(encoding="utf-8"))
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+            raise OpenClawError(f"text file {p} is unreadable ({e})")
+    return ids
+
+
+def _stats(stats: str | None, model):
+    from openclaw.calibrate import load_stats
+
+    if stats is None or stats == "auto":
+        return None
+    mc = model.config
+    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim, model.rope.inv_freq)
+
+
+def _csv(values: str, kind=str) -> list:
+    try:
+        return [kind(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise OpenClawError(f"{values!r} is not a comma-separated list of {kind.__name__}")
+
+
+def calibrate(
+    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name, HF model directory, or .gguf.")],
+    text: Annotated[list[Path], typer.Option(help="Calibration text file(s); repeat the option for several.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the stats (.pt, reference format).")],
+    tokens: Annotated[int, typer.Option(help="Calibration tokens at most (about 32K is enough).")] = 32768,
+    dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE,
+):
+    """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
+    from openclaw.calibrate import calibrate as run_calibration
+    from openclaw.calibrate import concentration, save_stats
+
+    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir)
+    ids = _text_ids(tokenizer, text)[:tokens]
+    if len(ids) < 1024:
+        raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
+    t0 = time.perf_counter()
+    qs = run_calibration(model, ids)
+    stats = qs.tri_stats(model.rope.inv_freq)
+    save_stats(out_path, stats, name, model.config.num_key_value_heads, qs.tokens)
+    report = concentration(stats)
+    table = Table("layer", "mean R", "heads with dominant-band R > 0.95")
+    for layer, (r, share) in enumerate(zip(report.mean_r, report.share_concentrated)):
+        table.add_row(str(layer), f"{r:.3f}", f"{share:.0%}")
+    out.print(table)
+    err.print(f"[dim]{qs.tokens} tokens in {time.perf_counter() - t0:.0f}s; {report.overall_share:.0%} of heads "
+              f"concentrated; wrote {out_path}[/dim]")
+
+
+@eval_app.command()
+def fidelity(
+    text: Annotated[Path, typer.Option(help="Long evaluation text (disjoint from the calibration text).")],
+    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "128,256,512",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
+    stats: Stats = None, windows: Annotated[int, typer.Option(help="Windows of the text.")] = 8,
+    window_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    score_from: Annotated[int | None, typer.Option(help="First scored position (default: largest budget + "
+                                                         "divide_length, where every budget has evicted).")] = None,
+    protect_recent: Protect = _V.protect_recent,
+    ablations: Annotated[bool, typer.Option(help="Add TriAttention trig-only and norm-only.")] = False,
+    online: Annotated[bool, typer.Option(help="Add TriAttention with online statistics (--stats auto).")] = False,
+    json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
+    cache_dir: CacheDir = DEFAULT_CACHE,
+):
+    """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
+    from openclaw.fidelity import evaluate, standard_runs, text_windows
+
+    budget_list, policy_list = _csv(budgets, int), _csv(policies)
+    if "triattention" in policy_list and stats is None:
+        raise OpenClawError("--policies triattention needs --stats FILE (openclaw calibrate) or --stats auto")
+    base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
+                          stats=stats)
+    runs = standard_runs(policy_list, budget_list, base, ablations, online)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir)
+    ids = _text_ids(tokenizer, [text])
+    try:
+        wins = text_windows(ids, windows, window_len)
+    except ValueError as e:
+        raise OpenClawError(str(e))
+    start = score_from if score_from is not None else max(budget_list) + base.divide_length
+    t0 = time.perf_counter()
+    with err.status("") as status:
+        rows = evaluate(m, wins, runs, _stats(stats, m), start=start, progress=status.update)
+    table = Table("setting", "KL(full||ev)", "top-1", "ppl", "ppl full", "evictions")
+    for r in rows:
+        table.add_row(r.label, f"{r.kl:.4f}", f"{r.top1:.3f}", f"{r.ppl:.2f}", f"{r.ppl_full:.2f}", str(r.evictions))
+    out.print(table)
+    err.print(f"[dim]{len(wins)} windows x {window_len} tokens, scored from position {start} "
+              f"({rows[0].tokens} tokens per row); {time.perf_counter() - t0:.0f}s[/dim]")
+    if json_out:
+        meta = {"text": str(text), "windows": windows, "window_len": window_len, "score_from": start,
+                "protect_recent": protect_recent, "stats": stats, "dtype": dtype, "model": model}
+        json_out.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+
+
+@eval_app.command()
+def needle(
+    filler: Annotated[Path, typer.Option(help="Filler text for the haystacks.")],
+    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "256,512",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
+    stats: Stats = None, cases: Annotated[int, typer.Option(help="Haystacks (names, codes, filler offsets).")] = 8,
+    dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
+    protect_recent: Protect = _V.protect_recent, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
+    device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE,
+):
+    """Plant a fact early, ask for it DORMANCY tokens later: exact match and answer log-prob, with controls."""
+    from openclaw.fidelity import standard_runs
+    from openclaw.needle import build_cases, run_needles
+
+    budget_list, policy_list = _csv(budgets, int), _csv(policies)
+    base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
+                          stats=stats)
+    runs = standard_runs(policy_list, budget_list, base)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir)
+    case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
+    t0 = time.perf_counter()
+    with err.status("") as status:
+        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=status.update)
+    table = Table("setting", "exact", "log p(answer)", "wrong name: exact", "wrong name: log p", "no needle: log p")
+    for r in rows:
+        table.add_row(r["label"], f"{r['exact']:.2f}", f"{r['logp']:.2f}", f"{r['wrong_name_exact']:.2f}",
+                      f"{r['wrong_name_logp']:.2f}", f"{r['no_needle_logp']:.2f}")
+    out.print(table)
+    err.print(f"[dim]{len(case_list)} cases, ~{rows[0]['context_tokens']} context tokens, needle at token ~64; "
+              f"{time.perf_counter() - t0:.0f}s[/dim]")
+    if json_out:
+        json_out.write_text(json.dumps({"meta": {"filler": str(filler), "dormancy": dormancy, "cases": cases,
+                                                 "protect_recent": protect_recent, "stats": stats, "dtype": dtype},
+                                        "rows": rows}, indent=1))
+
+
+def eviction_config(evict: str, kv_budget: int, stats: str | None, protect_recent: int, pin_prompt: bool):
+    """The EvictionConfig behind run/chat's --evict flags (validated there, so a bad value is one clear line)."""
+    return replace(_V, policy=evict, budget=kv_budget, stats=stats, protect_recent=protect_recent,
+                   pin_prompt=pin_prompt)

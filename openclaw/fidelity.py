@@ -1,0 +1,134 @@
+"""Eviction fidelity on real text: chunked teacher forcing against full attention (DESIGN.md, "How quality ...").
+
+Each window of the text runs once with full attention and once per eviction setting, in chunks of divide_length
+tokens at absolute positions, compressing after each chunk exactly as the engine does (openclaw.compressor). On
+the scored positions we compare next-token distributions: mean KL(full || evicted), top-1 agreement, and the
+perplexity of both on the true next tokens. The text counts as a generated trace: nothing is pinned unless
+prompt_len says so. It does not sample or detokenize; the CLI prints the rows.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from openclaw.compressor import Compressor
+from openclaw.config import EvictionConfig, SamplingParams
+from openclaw.evictor import TriStats
+from openclaw.kv_pool import KVPool
+from openclaw.models.layers import BatchMeta
+from openclaw.sequence import Sequence
+
+
+@dataclass
+class Row:
+    label: str
+    policy: str
+    budget: int | None
+    kl: float  # mean KL(full || evicted) per scored token, nats
+    top1: float  # share of scored tokens whose argmax matches full attention's
+    ppl: float
+    ppl_full: float
+    tokens: int
+    evictions: int
+    kl_per_window: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_windows(ids: list[int], count: int, length: int) -> list[list[int]]:
+    """count windows of length tokens, evenly spread over ids and not overlapping."""
+    if count * length > len(ids):
+        raise ValueError(f"{count} windows of {length} tokens need {count * length} tokens; the text has {len(ids)}")
+    stride = (len(ids) - length) // max(count - 1, 1)
+    return [ids[i * stride:i * stride + length] for i in range(count)]
+
+
+@torch.inference_mode()
+def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig, stats: TriStats | None = None,
+                    start: int = 0, prompt_len: int = 0, chunk: int = 128) -> tuple[torch.Tensor, int]:
+    """Teacher-force ids in chunks (of chunk tokens, fewer when the slots run out), compressing after each chunk when
+    cfg evicts. Full attention and budget >= length therefore run the very same forwards.
+
+    Returns log-probs [len(ids) - 1 - start, V] (fp32) predicting tokens start+1 .. end, and the eviction count.
+    """
+    mc = model.config
+    weight = model.model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    cap = min(len(ids), cfg.budget + cfg.divide_length) if cfg.evicts else len(ids)
+    pool = KVPool(mc.num_hidden_layers, cap, mc.num_key_value_heads, mc.head_dim, dtype, device)
+    comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
+    seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids) + 1)
+    seq.prompt_len, seq.slot_base, seq.capacity = prompt_len, 0, cap
+    comp.slots_for(seq)
+    out = []
+    while seq.num_computed < len(ids):
+        s, kv = seq.num_computed, seq.kv_len
+        n = min(chunk, len(ids) - s, cap - kv)
+        rows = [p - s for p in range(s, s + n) if start <= p < len(ids) - 1]
+        meta = BatchMeta(slot_mapping=torch.arange(kv, kv + n, device=device), seqs=[(0, n, 0, kv + n)],
+                         sample_idx=torch.tensor(rows, dtype=torch.long, device=device),
+                         query_tap=comp.tap([(seq, n)]))
+        logits = model(torch.tensor(ids[s:s + n], device=device), torch.arange(s, s + n, device=device), meta,
+                       pool.k, pool.v)
+        out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+        seq.num_computed += n
+        seq.kv_len += n
+        comp.after_step([(seq, n)])
+    return torch.cat(out), comp.evictions
+
+
+def compare(full: torch.Tensor, ev: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Sums over tokens (so windows can be pooled): KL(full || ev), top-1 matches, NLL of both."""
+    kl = (full.exp() * (full - ev)).sum(-1)
+    return {"kl": kl.sum().item(), "top1": (full.argmax(-1) == ev.argmax(-1)).sum().item(),
+            "nll": -ev.gather(1, targets[:, None]).sum().item(), "nll_full": -full.gather(1, targets[:, None]).sum().item(),
+            "tokens": len(targets), "kl_mean": kl.mean().item()}
+
+
+def evaluate(model: torch.nn.Module, windows: list[list[int]], runs: list[tuple[str, EvictionConfig]],
+             stats: TriStats | None = None, start: int = 0, prompt_len: int = 0,
+             progress: Callable[[str], None] | None = None) -> list[Row]:
+    """One Row per (label, config) in runs, pooled over windows; full attention is the reference of each window."""
+    totals = {label: {"kl": 0.0, "top1": 0, "nll": 0.0, "nll_full": 0.0, "tokens": 0, "ev": 0, "per": []}
+              for label, _ in runs}
+    for w, ids in enumerate(windows):
+        full, _ = forced_logprobs(model, ids, EvictionConfig(), start=start)
+        targets = torch.tensor(ids[start + 1:])
+        for label, cfg in runs:
+            if progress:
+                progress(f"window {w + 1}/{len(windows)}: {label}")
+            ev, count = (full, 0) if not cfg.evicts else forced_logprobs(model, ids, cfg, stats, start, prompt_len)
+            c = compare(full, ev, targets)
+            t = totals[label]
+            for key in ("kl", "top1", "nll", "nll_full", "tokens"):
+                t[key] += c[key]
+            t["ev"] += count
+            t["per"].append(c["kl_mean"])
+    rows = []
+    for label, cfg in runs:
+        t = totals[label]
+        rows.append(Row(label, cfg.policy, cfg.budget if cfg.evicts else None, t["kl"] / t["tokens"],
+                        t["top1"] / t["tokens"], math.exp(t["nll"] / t["tokens"]),
+                        math.exp(t["nll_full"] / t["tokens"]), t["tokens"], t["ev"], t["per"]))
+    return rows
+
+
+def standard_runs(policies: list[str], budgets: list[int], base: EvictionConfig,
+                  ablations: bool = False, online: bool = False) -> list[tuple[str, EvictionConfig]]:
+    """(label, config) for every policy x budget, plus TriAttention's trig/norm-only and online-stats variants."""
+    runs = [("full", replace(base, policy="full"))] if "full" in policies else []
+    for b in budgets:
+        for p in policies:
+            if p == "full":
+                continue
+            runs.append((f"{p}@{b}", replace(base, policy=p, budget=b)))
+            if p == "triattention":
+                if ablations:
+                    runs += [(f"triattention-{t}@{b}", replace(base, policy=p, budget=b, tri_terms=t))
+                             for t in ("trig", "norm")]
+                if online:
+                    runs.append((f"triattention-online@{b}", replace(base, policy=p, budget=b, stats="auto")))
+    return runs

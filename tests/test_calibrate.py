@@ -1,0 +1,154 @@
+"""Calibration: exact pre-RoPE queries (after q_norm), the reference stats format, refusals, online statistics."""
+
+import pickle
+
+import pytest
+import torch
+from tiny_models import make_hf_model
+
+from openclaw.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
+from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
+from openclaw.engine import Engine
+from openclaw.errors import OpenClawError
+from openclaw.evictor import TriStats
+from openclaw.loader import load_model
+
+OMEGA = 1.0 / 1e4 ** (torch.arange(0, 24, 2).float() / 24)
+
+
+def random_stats(L=3, H=4, D=24, seed=0) -> TriStats:
+    g = torch.Generator().manual_seed(seed)
+    mu_re, mu_im = torch.randn(L, H, D // 2, generator=g), torch.randn(L, H, D // 2, generator=g)
+    return TriStats(mu_re, mu_im, torch.sqrt(mu_re ** 2 + mu_im ** 2) + 0.1, OMEGA)
+
+
+def test_tap_sees_the_queries_after_q_norm(tmp_path):
+    """The captured pre-RoPE query is q_norm's output (the reference calibrate script forgot q_norm)."""
+    hf = make_hf_model("qwen3", tmp_path)
+    ours = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    ids = list(range(3, 40))
+    seen = []
+    hook = hf.model.layers[1].self_attn.q_norm.register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    hook.remove()
+    stats = calibrate(ours, ids)
+    want = seen[0]  # [T, H, D]
+    half = want.shape[-1] // 2
+    torch.testing.assert_close(stats.re[1].float(), want[..., :half].sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.im[1].float(), want[..., half:].sum(0), rtol=1e-4, atol=1e-4)
+    assert stats.tokens == len(ids)
+
+
+def test_stats_file_round_trips(tmp_path):
+    s = random_stats()
+    save_stats(tmp_path / "s.pt", s, "tiny", num_kv_heads=2, tokens=100)
+    got = load_stats(tmp_path / "s.pt", 3, 4, 24, OMEGA)
+    for a, b in zip((got.mu_re, got.mu_im, got.a_mean), (s.mu_re, s.mu_im, s.a_mean)):
+        assert torch.equal(a, b)
+    data = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert data["metadata"]["sampled_heads"][5] == [1, 1] and data["metadata"]["rope_style"] == "half"
+    assert set(data["stats"]["layer02_head03"]) == {"q_mean_real", "q_mean_imag", "q_abs_mean"}
+
+
+def test_reference_plugin_files_load(tmp_path):
+    """Their files carry only sampled_heads, head_dim, rope_style and model_name (no layer or head counts)."""
+    s = random_stats(L=2, H=2)
+    payload = {"metadata": {"sampled_heads": [[0, 0], [0, 1], [1, 0], [1, 1]], "head_dim": 24, "rope_style": "half",
+                            "model_name": "their-model"},
+               "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": s.mu_re[layer, h], "q_mean_imag": s.mu_im[layer, h],
+                                                         "q_abs_mean": s.a_mean[layer, h]}
+                         for layer in range(2) for h in range(2)}}
+    torch.save(payload, tmp_path / "ref.pt")
+    got = load_stats(tmp_path / "ref.pt", 2, 2, 24, OMEGA)
+    assert torch.equal(got.mu_im, s.mu_im)
+
+
+@pytest.mark.parametrize("shape, match", [((3, 4, 32), "head_dim"), ((3, 8, 24), "num_attention_heads"),
+                                          ((5, 4, 24), "num_layers")])
+def test_stats_of_another_model_are_refused(tmp_path, shape, match):
+    save_stats(tmp_path / "s.pt", random_stats(), "tiny", num_kv_heads=2, tokens=100)
+    with pytest.raises(OpenClawError, match=match):
+        load_stats(tmp_path / "s.pt", *shape, OMEGA)
+
+
+def test_reference_file_with_other_head_count_is_refused(tmp_path):
+    s = random_stats(L=1, H=2)
+    payload = {"metadata": {"sampled_heads": [[0, 0], [0, 1]], "head_dim": 24, "rope_style": "half"},
+               "stats": {f"layer00_head{h:02d}": {"q_mean_real": s.mu_re[0, h], "q_mean_imag": s.mu_im[0, h],
+                                                  "q_abs_mean": s.a_mean[0, h]} for h in range(2)}}
+    torch.save(payload, tmp_path / "ref.pt")
+    with pytest.raises(OpenClawError, match="covers 2"):
+        load_stats(tmp_path / "ref.pt", 1, 4, 24, OMEGA)
+    payload["metadata"]["rope_style"] = "interleaved"
+    torch.save(payload, tmp_path / "ref.pt")
+    with pytest.raises(OpenClawError, match="interleaved"):
+        load_stats(tmp_path / "ref.pt", 1, 2, 24, OMEGA)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+def test_files_that_need_code_to_load_are_refused(tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"metadata": Payload()}, f, protocol=2)
+    with pytest.raises(OpenClawError, match="not a loadable stats file"):
+        load_stats(tmp_path / "evil.pt", 3, 4, 24, OMEGA)
+    with pytest.raises(OpenClawError, match="does not exist"):
+        load_stats(tmp_path / "missing.pt", 3, 4, 24, OMEGA)
+
+
+def test_concentration_report():
+    s = random_stats()
+    s.a_mean = torch.sqrt(s.mu_re ** 2 + s.mu_im ** 2)  # every band perfectly concentrated: R = 1
+    s.a_mean[0] *= 2  # layer 0: R = 0.5
+    rep = concentration(s)
+    assert rep.share_concentrated == [0.0, 1.0, 1.0]
+    assert abs(rep.mean_r[0] - 0.5) < 1e-6 and abs(rep.mean_r[1] - 1.0) < 1e-6
+
+
+def test_online_statistics_equal_offline_on_the_same_text(tmp_path):
+    """--stats auto accumulates the queries the engine computes: over the same tokens it must equal calibration."""
+    make_hf_model("qwen3", tmp_path)
+    ids = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    evict = EvictionConfig(policy="triattention", stats="auto", budget=400, protect_recent=8)
+    engine = Engine(tmp_path, EngineConfig(device="cpu", dtype="float32", kv_tokens=1024, evict=evict))
+    engine.generate([ids], SamplingParams(max_tokens=1, temperature=0))  # the prompt only: its queries
+    online = engine.compressor.online
+    offline = calibrate(engine.model, ids, chunk=engine.config.max_batch_tokens)
+    assert online.tokens == offline.tokens == len(ids)
+    for a, b in ((online.re, offline.re), (online.im, offline.im), (online.abs, offline.abs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_query_stats_running_means():
+    qs = QueryStats(2, 1, 4)
+    tap = StatsTap(qs, 2)
+    q = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[3.0, 0.0, 0.0, -1.0]]])  # bands (1+0i, 0+1i), (3+0i, 0-1i)
+    tap(q, q)
+    tap(q, q)
+    s = qs.tri_stats(torch.ones(2))
+    assert s.mu_re[0, 0].tolist() == [2.0, 0.0] and s.mu_im[0, 0].tolist() == [0.0, 0.0]
+    assert s.a_mean[1, 0].tolist() == [2.0, 1.0]
+
+
+@pytest.mark.slow
+def test_smollm2_stats_are_stable_across_texts(smol_model_dir):
+    """The paper's premise on our real model: the pre-RoPE query centers from prose and from Python source agree
+    (median cosine per head), and a good share of heads is concentrated."""
+    from pathlib import Path
+
+    from openclaw.tokenizer import Tokenizer
+
+    model = load_model(smol_model_dir, torch.device("cpu"), torch.float32)
+    tok = Tokenizer.from_dir(smol_model_dir)
+    prose = tok.encode((Path(__file__).parent / "data" / "devil_excerpt.txt").read_text())[:512]
+    code = tok.encode(Path(torch.__file__).with_name("functional.py").read_text())[:512]
+    a, b = (calibrate(model, ids, context=512).tri_stats(model.rope.inv_freq) for ids in (prose, code))
+    mu_a = torch.cat([a.mu_re, a.mu_im], -1)
+    mu_b = torch.cat([b.mu_re, b.mu_im], -1)
+    cos = torch.nn.functional.cosine_similarity(mu_a, mu_b, dim=-1)  # [L, H]
+    assert cos.median() > 0.9, f"median cosine {cos.median():.3f}"
+    assert concentration(a).overall_share > 0.3
