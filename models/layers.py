@@ -1,4 +1,5 @@
-"""Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention.
+"""Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention,
+and the quantized linear / embedding layers over kernels/qlinear.py's layout.
 
 Attention here is the plain-PyTorch path (SDPA per sequence) that reads the KV pool exactly the way the GPU
 kernels do: a sequence's slots [base, base + kv_len) in temporal order, keys already rotated.
@@ -6,10 +7,12 @@ It does not own the pool or decide what is cached; the runner and the KV pool do
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from openclaw.kernels.qlinear import qlinear
 from torch import nn
 
 
@@ -21,11 +24,18 @@ class BatchMeta:
     seqs: per sequence (q_start, q_len, slot_base, kv_len) with kv_len counted after this step's writes;
           query i of a sequence sees slots [slot_base, slot_base + kv_len - q_len + i].
     sample_idx: [N] rows of T whose logits are wanted (the last token of each sequence that samples).
+    query_tap: when set, each attention layer calls it in layer order with its queries (pre-RoPE: exactly the
+               vectors RoPE rotates; post-RoPE), both [T, H, D], after writing this step's K/V to the pool.
+               Calibration and query-based eviction read queries through it; None costs nothing.
+    kv_valid: [number of sequences] slots each decoding sequence really has, when seqs' kv_len is only an upper
+              bound fixed at CUDA-graph capture (the runner's batch-1 decode graphs); slots past it are masked.
     """
 
     slot_mapping: torch.Tensor
     seqs: list[tuple[int, int, int, int]]
     sample_idx: torch.Tensor
+    query_tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    kv_valid: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -139,12 +149,13 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    scale: float) -> torch.Tensor:
     """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step."""
     out = torch.empty_like(q)
-    for q_start, q_len, base, kv_len in meta.seqs:
+    for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
         qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
         ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
         vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)
         if q_len == 1:  # decode: grouped matmuls beat SDPA's math fallback on the CPU
-            out[q_start] = _decode_attention(qs[:, 0], ks, vs, scale)
+            valid = None if meta.kv_valid is None else meta.kv_valid[i]
+            out[q_start] = _decode_attention(qs[:, 0], ks, vs, scale, valid)
             continue
         mask = None
         if q_len > 1:
@@ -152,14 +163,69 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             cols = torch.arange(kv_len, device=q.device)
             rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
             mask = cols[None, :] <= rows[:, None]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        if q.is_cuda:
+            o = _prefill_attention_cuda(qs, ks, vs, mask, scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_start + q_len] = o.transpose(0, 1)
     return out
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [H, D]; k, v: [Hkv, L, D] -> [H, D]. Query head h reads KV head h // (H / Hkv); softmax in fp32."""
+def _prefill_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """q: [H, T, D]; k, v: [Hkv, S, D] -> [H, T, D], one KV head's query group at a time. SDPA with enable_gqa and a
+    mask takes the math path, which materializes [H, T, S] scores; per group, with K/V broadcast to the group, the
+    memory-efficient kernel runs and the transient is at most one group's K/V (what the memory plan counts)."""
+    hkv, group = k.shape[0], q.shape[0] // k.shape[0]
+    out = torch.empty_like(q)
+    for j in range(hkv):
+        kj = k[j:j + 1].expand(group, -1, -1)
+        vj = v[j:j + 1].expand(group, -1, -1)
+        out[j * group:(j + 1) * group] = F.scaled_dot_product_attention(q[j * group:(j + 1) * group], kj, vj,
+                                                                        attn_mask=mask, scale=scale)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [H, D]; k, v: [Hkv, L, D] -> [H, D]. Query head h reads KV head h // (H / Hkv); softmax in fp32.
+    valid (0-d tensor): only the first `valid` of the L slots count."""
     hkv = k.shape[0]
     qg = q.view(hkv, -1, q.shape[-1])  # [Hkv, G, D]
-    p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)).float() * scale, dim=-1)
+    s = torch.bmm(qg, k.transpose(1, 2)).float() * scale
+    if valid is not None:
+        s = s.masked_fill(torch.arange(k.shape[1], device=k.device) >= valid, float("-inf"))
+    p = torch.softmax(s, dim=-1)
     return torch.bmm(p.to(v.dtype), v).view(q.shape)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer over a group-quantized weight (openclaw.kernels.qlinear.QuantWeight), set by the loader.
+
+    On CUDA the Triton kernels run (fused GEMV for decode, dequantize + cuBLAS for prefill); on the CPU the weight
+    is dequantized to x's dtype on every call (the reference), so the CPU engine runs quantized checkpoints too.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = None  # QuantWeight [out_features, in_features], set by the loader
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return qlinear(x, self.qweight, self.bias)
+        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept quantized (8-bit on a 24 GB card): lookups dequantize only the rows they read."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.qweight = None  # QuantWeight [num_embeddings, embedding_dim], set by the loader
+        self.dtype = torch.float32  # the model's activation dtype, set by the loader
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.rows(ids, self.dtype)

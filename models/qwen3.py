@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from openclaw.models.layers import BatchMeta, RMSNorm, Rope, apply_rope, pool_attention, rope_parameters, write_kv
+from openclaw.models.layers import (
+    BatchMeta,
+    QuantEmbedding,
+    QuantLinear,
+    RMSNorm,
+    Rope,
+    apply_rope,
+    pool_attention,
+    rope_parameters,
+    write_kv,
+)
 from torch import nn
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -61,12 +71,16 @@ class Qwen3Config:
         )
 
 
+def linear(in_features: int, out_features: int, bias: bool, quantized: bool) -> nn.Module:
+    return QuantLinear(in_features, out_features, bias) if quantized else nn.Linear(in_features, out_features, bias)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, cfg.attention_bias, quantized)
+        self.o_proj = linear(self.h * self.d, cfg.hidden_size, cfg.o_bias, quantized)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
@@ -81,18 +95,21 @@ class Attention(nn.Module):
         q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        q_pre = q
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.query_tap is not None:
+            meta.query_tap(q_pre, q)
         o = pool_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
         self.inter = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantized)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -100,10 +117,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, quantized)
+        self.mlp = MLP(cfg, quantized)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -113,24 +130,36 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        embedding = QuantEmbedding if quantized else nn.Embedding
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quantized) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    """quantized: every linear layer is a QuantLinear and the embedding a QuantEmbedding; the loader fills them from a
+    quantized checkpoint (embeddings and lm_head in 8 bits). A tied quantized lm_head shares the embedding's weight."""
+
+    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.quantized = quantized
+        self.model = Backbone(cfg, quantized)
+        if quantized or not cfg.tie_word_embeddings:
+            self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, quantized)
         self.rope = Rope(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
 
     def lm_head_weight(self) -> torch.Tensor:
+        """The unquantized model's output projection [vocab, hidden]."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden] (final-normed) -> [N, vocab] fp32."""
+        if self.quantized:
+            return self.lm_head(x).float()
+        return F.linear(x, self.lm_head_weight()).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
@@ -139,8 +168,7 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, meta, k_pool[i], v_pool[i])
-        x = self.model.norm(x[meta.sample_idx])
-        return F.linear(x, self.lm_head_weight()).float()
+        return self.logits(self.model.norm(x[meta.sample_idx]))
 
 
 def checkpoint_target(name: str) -> tuple[str, int, int] | None:

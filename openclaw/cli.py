@@ -1,13 +1,12 @@
-"""The `openclaw` command: run, chat, models. The only module that talks to the user (through rich).
+"""The `openclaw` command: run, chat, serve, plan (pull/models: cli_hub.py; calibrate/eval: cli_eval.py).
+With chat.py and the server, the only modules that talk to the user (through rich).
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. An OpenClawError becomes
 one red line and exit code 2.
 """
 
-import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from openclaw.config import EngineConfig, SamplingParams, default_cache_dir
+from openclaw.cli_eval import calibrate, eval_app, eviction_config
+from openclaw.cli_hub import models, pull
+from openclaw.config import EngineConfig, EvictionConfig, SamplingParams, default_cache_dir
 from openclaw.errors import OpenClawError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,7 +31,10 @@ _S = SamplingParams()
 Model = Annotated[str, typer.Option("--model", "-m", help="Manifest name, HF model directory, or .gguf file.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float16 on CPU), bfloat16, float16 or float32.")]
-KvTokens = Annotated[int, typer.Option(help="KV pool size in tokens, all sequences together.")]
+KvTokens = Annotated[int | None, typer.Option(
+    help="KV pool size in tokens, all sequences together (default: what --vram leaves on a GPU; 32768 on a CPU).")]
+Vram = Annotated[float | None, typer.Option(
+    help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
 MaxSeqs = Annotated[int, typer.Option(help="Sequences decoded together at most.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")]
 CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
@@ -43,11 +47,22 @@ RepPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="
 Seed = Annotated[int | None, typer.Option(help="Sampling seed (reproducible output).")]
 System = Annotated[str | None, typer.Option(help="System message.")]
 Think = Annotated[bool | None, typer.Option("--think/--no-think", help="Qwen3 thinking (default: the template's).")]
+_V = EvictionConfig()
+Evict = Annotated[str, typer.Option(help="KV eviction: full (none), streaming, snapkv, rkv, h2o, triattention.")]
+KvBudget = Annotated[int, typer.Option(help="KV entries kept per sequence when evicting (it owns budget + 128).")]
+EvictStats = Annotated[str | None, typer.Option("--stats", help="TriAttention stats file (openclaw calibrate) or auto.")]
+ProtectRecent = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
+PinPrompt = Annotated[bool, typer.Option("--pin-prompt/--no-pin-prompt", help="Never evict prompt tokens.")]
+app.add_typer(eval_app, name="eval")
+app.command()(calibrate)
+app.command()(pull)
+app.command()(models)
+ThinkBudget = Annotated[int | None, typer.Option(min=1, help="Close the thinking after N tokens (injects </think>).")]
 
 
-def _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir) -> EngineConfig:
+def _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram=None) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, kv_tokens=kv_tokens, max_seqs=max_seqs,
-                        threads=threads, cache_dir=cache_dir)
+                        threads=threads, cache_dir=cache_dir, vram=vram)
 
 
 def _load(config: EngineConfig):
@@ -72,39 +87,38 @@ def _messages(system: str | None, user: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def _template_kwargs(think: bool | None) -> dict:
-    return {} if think is None else {"enable_thinking": think}
-
-
 @app.command()
 def run(
     prompt_file: Annotated[Path | None, typer.Argument(help="Text file with the user's message.")] = None,
     model: Model = _E.model, max_tokens: MaxTokens = _S.max_tokens, temperature: Temperature = None,
     top_p: TopP = None, top_k: TopK = None, min_p: MinP = None, repetition_penalty: RepPenalty = None,
-    seed: Seed = None, system: System = None, think: Think = None,
+    seed: Seed = None, system: System = None, think: Think = None, think_budget: ThinkBudget = None,
     jsonl: Annotated[Path | None, typer.Option(help="Answer every prompt of this JSONL file in one batch.")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", help="Where --jsonl writes its answers.")] = None,
     device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
+    evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
+    protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
 ):
     """Answer PROMPT_FILE (stdout: the answer only), or every line of --jsonl IN into --out OUT."""
-    from openclaw.llm import Request
-
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens)
     if jsonl is not None:
         if out_path is None:
             raise OpenClawError("--jsonl needs --out FILE for the answers")
-        items = _read_jsonl(jsonl)
+        from openclaw.batch import read_items
+
+        items = read_items(jsonl)
     elif prompt_file is None:
         raise OpenClawError("give a PROMPT_FILE, or --jsonl IN --out OUT")
     else:
         text = _read_text(prompt_file)
-    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir)
+    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram)
+    config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     if jsonl is not None:
-        return _run_jsonl(llm, items, params, system, think, out_path)
-    request = Request(llm.chat_ids(_messages(system, text), **_template_kwargs(think)), params)
+        return _run_jsonl(llm, items, params, system, think, think_budget, out_path)
+    request = llm.chat_request(_messages(system, text), params, think, think_budget)
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -112,6 +126,8 @@ def run(
     for d in llm.stream([request]):
         if first is None:
             first = time.perf_counter()
+        if d.reasoning:  # thinking is not the answer: stderr, dimmed
+            err.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
         out.out(d.text, end="")
         sys.stdout.flush()
         n, reason = len(d.seq.output_ids), d.finish_reason or reason
@@ -134,54 +150,24 @@ def _read_text(path: Path) -> str:
     return text.strip()
 
 
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+def _run_jsonl(llm, items: list, defaults: SamplingParams, system, think, think_budget, out_path: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
+    from openclaw.batch import run_batch, write_rows
 
-def _read_jsonl(path: Path) -> list[dict]:
-    items = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OpenClawError(f"{path}:{n} is not JSON ({e})")
-            if not isinstance(item, dict) or not ("prompt" in item or "messages" in item):
-                raise OpenClawError(f"{path}:{n}: each line needs an object with \"prompt\" or \"messages\"")
-            items.append(item)
-    return items
-
-
-def _run_jsonl(llm, items: list[dict], defaults: SamplingParams, system, think, out_path: Path) -> None:
-    from dataclasses import replace
-
-    from openclaw.llm import Request
-
-    requests, errors = [], {}
-    for i, item in enumerate(items):
-        try:
-            msgs = item.get("messages") or _messages(item.get("system", system), item["prompt"])
-            overrides = {k: v for k, v in item.items() if k in _SAMPLING_FIELDS}
-            requests.append((i, Request(llm.chat_ids(msgs, **_template_kwargs(think)), replace(defaults, **overrides))))
-        except (OpenClawError, TypeError, KeyError, ValueError) as e:
-            errors[i] = str(e)
-    t0 = time.perf_counter()
-    results = llm.generate([r for _, r in requests]) if requests else []
-    dt = time.perf_counter() - t0
-    by_index = dict(zip([i for i, _ in requests], results))
-    with out_path.open("w") as f:
-        for i in range(len(items)):
-            if i in errors:
-                row = {"index": i, "error": errors[i]}
-            else:
-                c = by_index[i]
-                row = {"index": i, "text": c.text, "prompt_tokens": c.prompt_tokens,
-                       "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    total = sum(c.completion_tokens for c in results)
-    err.print(f"[dim]{len(results)} answers, {total} tokens in {dt:.1f}s ({total / max(dt, 1e-9):.1f} tok/s); "
-              f"wrote {out_path}[/dim]")
-    if errors:
-        raise OpenClawError(f"{len(errors)} of {len(items)} items failed (see \"error\" in {out_path})")
+    columns = (TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tokens]} tokens"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("answering", total=len(items), tokens=0)
+        result = run_batch(llm, items, defaults, system, think, think_budget,
+                           progress=lambda done, total, tokens: bar.update(task, completed=done, tokens=tokens))
+    write_rows(result.rows, out_path)
+    answered = len(items) - result.failed
+    err.print(f"[dim]{answered} answers, {result.completion_tokens} tokens in {result.seconds:.1f}s "
+              f"({result.completion_tokens / max(result.seconds, 1e-9):.1f} tok/s, {llm.config.max_seqs} at a time); "
+              f"wrote {out_path}[/dim]", soft_wrap=True)
+    if result.failed:
+        raise OpenClawError(f"{result.failed} of {len(items)} items failed (see \"error\" in {out_path})")
 
 
 @app.command()
@@ -189,62 +175,71 @@ def chat(
     model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Manifest name, directory or .gguf.")] = None,
     model: Model = _E.model, max_tokens: MaxTokens = 2048, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, seed: Seed = None, system: System = None, think: Think = None,
-    device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
-    threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
+    think_budget: ThinkBudget = None, device: Device = _E.device, dtype: Dtype = _E.dtype,
+    kv_tokens: KvTokens = _E.kv_tokens, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
+    evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
+    protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
 ):
-    """Talk with a model in the terminal. /reset clears the conversation, /exit (or Ctrl-D) leaves."""
-    from openclaw.llm import Request
+    """Talk with a model in the terminal: streamed answers, thinking shown dimmed, /help lists the commands."""
+    from openclaw.chat import Chat
 
-    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir)
-    llm = _load(config)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                             max_tokens=max_tokens)
-    history = [{"role": "system", "content": system}] if system else []
-    err.print("[dim]/reset clears the conversation; /exit or Ctrl-D leaves; Ctrl-C stops an answer.[/dim]")
-    while True:
-        try:
-            user = out.input("[bold green]> [/bold green]")
-        except EOFError:
-            out.out("")
-            return
-        except KeyboardInterrupt:
-            out.out("")
-            continue
-        if user.strip() in ("/exit", "/quit"):
-            return
-        if user.strip() == "/reset":
-            history = history[:1] if system else []
-            err.print("[dim]conversation cleared[/dim]")
-            continue
-        if not user.strip():
-            continue
-        history.append({"role": "user", "content": user})
-        answer = ""
-        stream = llm.stream([Request(llm.chat_ids(history, **_template_kwargs(think)), params)])
-        try:
-            for d in stream:
-                out.out(d.text, end="")
-                answer += d.text
-        except KeyboardInterrupt:
-            stream.close()
-            err.print("\n[dim](stopped)[/dim]")
-        out.out("")
-        history.append({"role": "assistant", "content": answer})
+    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram)
+    config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
+    llm = _load(config)
+    Chat(llm, params, out, err, system=system, think=think, think_budget=think_budget,
+         history_file=config.cache_dir / "chat_history").run()
 
 
 @app.command()
-def models(cache_dir: CacheDir = DEFAULT_CACHE):
-    """List the models OpenClaw knows by name, and which are already on this machine."""
-    from openclaw.hub import list_models
+def serve(
+    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Manifest name, directory or .gguf.")] = None,
+    model: Model = _E.model, host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 = any free one).")] = 8000,
+    name: Annotated[str | None, typer.Option(help="Model id clients ask for (default: the model's name).")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of requests that give none.")] = 4096,
+    device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
+    max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
+    vram: Vram = None, evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
+    protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt,
+):
+    """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded in one batch."""
+    from openclaw.openai_api import Api
+    from openclaw.server import make_server, serve_until_interrupted
 
-    table = Table("name", "architecture", "format", "params", "size", "local", "notes")
-    for m in list_models(cache_dir):
-        size = f"{m['size_bytes'] / 1e9:.1f} GB" if m.get("size_bytes") else "?"
-        params = f"{m['params'] / 1e9:.2f}B" if m.get("params") else "?"
-        notes = "" if m.get("supported", True) else "not supported yet"
-        table.add_row(m["name"], m["architecture"], m["format"], params, size, "yes" if m["present"] else "",
-                      notes)
+    spec = model_arg or model
+    config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram)
+    config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
+    llm = _load(config)
+    api = Api(llm, name or (Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name), max_tokens)
+    try:
+        server = make_server(llm, api, host, port, log=lambda line: err.print(f"[dim]{line}[/dim]", soft_wrap=True))
+    except OSError as e:
+        raise OpenClawError(f"cannot listen on {host}:{port}: {e.strerror}")
+    bound_host, bound_port = server.server_address[:2]
+    err.print(f"serving [bold]{api.model_name}[/bold] at http://{bound_host}:{bound_port}/v1 (OpenAI-compatible, "
+              f"up to {max_seqs} requests per batch); Ctrl-C stops", soft_wrap=True)
+    serve_until_interrupted(server)
+
+
+@app.command()
+def plan(
+    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name or model directory.")],
+    vram: Vram = None,
+    kv_budget: Annotated[int | None, typer.Option(help="Eviction budget B: how many sequences of B fit.")] = None,
+    max_seqs: MaxSeqs = _E.max_seqs, cache_dir: CacheDir = DEFAULT_CACHE,
+):
+    """Print the VRAM plan (weights, workspace, KV pool, KV tokens) without loading weights; exit 2 if it won't fit."""
+    from openclaw.memory import plan_model
+
+    p, name, fitting = plan_model(model_arg, cache_dir, vram, kv_budget, max_seqs=max_seqs,
+                         max_batch_tokens=_E.max_batch_tokens, divide_length=_V.divide_length)
+    table = Table("", name, show_header=True)
+    for label, value in p.rows():
+        table.add_row(label, value)
     out.print(table)
+    p.require(name, smaller=fitting)
 
 
 def main() -> None:

@@ -58,6 +58,50 @@ class SamplingParams:
         return self.temperature is not None and self.temperature == 0
 
 
+POLICIES = ("full", "streaming", "snapkv", "rkv", "h2o", "triattention")
+TRI_TERMS = ("both", "trig", "norm")
+
+
+@dataclass
+class EvictionConfig:
+    """How a sequence's KV cache is kept within a budget (TRIATTENTION.md sections 4 and 7).
+
+    When a sequence's cache reaches budget + divide_length tokens it is compressed back to exactly budget.
+    """
+
+    policy: str = "full"  # full (never evict), streaming, snapkv, rkv, h2o, triattention
+    budget: int = 2048  # KV entries kept per sequence (per layer, per KV head), prompt included
+    divide_length: int = 128  # compress when the cache reaches budget + divide_length
+    pin_prompt: bool = True  # prompt tokens are never evicted
+    protect_recent: int = 128  # the most recent tokens are never evicted
+    stats: str | None = None  # triattention: a calibration stats file, or "auto" (online running means)
+    tri_terms: str = "both"  # triattention ablations: both, trig (distance series only), norm (key-norm term only)
+    sinks: int = 4  # streaming: attention-sink tokens kept at the start
+    window: int = 8  # snapkv / rkv: recent queries whose attention scores the cache
+    pool_kernel: int = 7  # snapkv / rkv: max-pool width over neighbouring tokens
+    rkv_lambda: float = 0.1  # rkv: score = lambda * importance - (1 - lambda) * redundancy
+    rkv_threshold: float = 0.5  # rkv: key cosine similarity above which two tokens count as copies
+    seed: int = 0  # triattention: seed of the 1e-6 tie-breaking noise
+
+    def __post_init__(self) -> None:
+        _check(self.policy in POLICIES, f"eviction policy {self.policy!r} must be one of {', '.join(POLICIES)}")
+        _check(self.divide_length >= 1, f"divide_length {self.divide_length} must be >= 1")
+        _check(self.protect_recent >= 0, f"protect_recent {self.protect_recent} must be >= 0")
+        _check(self.budget > max(self.protect_recent, self.sinks, self.window),
+               f"kv budget {self.budget} must exceed protect_recent {self.protect_recent}, sinks {self.sinks} and "
+               f"window {self.window}; raise the budget or lower --protect-recent")
+        _check(self.tri_terms in TRI_TERMS, f"tri_terms {self.tri_terms!r} must be one of {', '.join(TRI_TERMS)}")
+        _check(self.window >= 1 and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
+               f"window {self.window} must be >= 1 and pool_kernel {self.pool_kernel} odd")
+        _check(0 <= self.rkv_lambda <= 1, f"rkv_lambda {self.rkv_lambda} must be in [0, 1]")
+        _check(self.policy != "triattention" or self.stats is not None,
+               "the triattention policy needs --stats FILE (from `openclaw calibrate`) or --stats auto")
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy != "full"
+
+
 @dataclass
 class EngineConfig:
     """How the engine is built: which model, where, and how large its KV pool and batches are."""
@@ -65,19 +109,23 @@ class EngineConfig:
     model: str = "SmolLM2-135M-Instruct"
     device: str = "auto"  # "auto" = cuda when present, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float16 on cpu; "float32" for exact reference runs
-    kv_tokens: int = 32768  # KV pool size in tokens (all sequences together)
+    kv_tokens: int | None = None  # KV pool size in tokens, all sequences; None = what the VRAM plan leaves (GPU), 32768 (CPU)
+    vram: float | None = None  # GiB this process may use on the GPU (a hard cap); None = the card's total; CPU: unused
+    cuda_graphs: bool = True  # replay batch-1 decode steps from captured CUDA graphs (GPU only)
     max_seqs: int = 16  # sequences decoded together at most
     max_model_len: int | None = None  # per-sequence length cap; None = the model's context length
     max_batch_tokens: int = 512  # tokens per forward step (prefill is chunked to fit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     threads: int | None = None  # CPU threads for torch; None = torch's default
+    evict: EvictionConfig = field(default_factory=EvictionConfig)  # KV eviction (default: none)
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
         _check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
                f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
-        _check(self.kv_tokens >= 16, f"kv_tokens {self.kv_tokens} must be >= 16")
+        _check(self.kv_tokens is None or self.kv_tokens >= 16, f"kv_tokens {self.kv_tokens} must be >= 16")
+        _check(self.vram is None or self.vram > 0, f"vram {self.vram} GiB must be > 0")
         _check(self.max_seqs >= 1, f"max_seqs {self.max_seqs} must be >= 1")
         _check(self.max_batch_tokens >= 16, f"max_batch_tokens {self.max_batch_tokens} must be >= 16")
         _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")

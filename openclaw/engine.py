@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from openclaw.compressor import Compressor
 from openclaw.config import EngineConfig, SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.kv_pool import KVPool
 from openclaw.loader import generation_defaults, load_model, resolve_dtype
+from openclaw.memory import cap_allocator, gpu_plan
 from openclaw.runner import Runner
 from openclaw.sampler import sample
 from openclaw.scheduler import Scheduler
@@ -20,6 +22,7 @@ from openclaw.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+CPU_KV_TOKENS = 32768  # the pool on the CPU when --kv-tokens is not given (the GPU's comes from the VRAM plan)
 # transformers' GenerationConfig defaults, used where the checkpoint's generation_config is silent
 HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -54,16 +57,28 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.plan = None  # the VRAM plan (openclaw.memory); the CPU has none
+        if self.device.type == "cuda":
+            ev = config.evict
+            self.plan = gpu_plan(model_dir, Path(model_dir).name, self.device, self.dtype, config.vram,
+                                 config.max_batch_tokens, config.max_seqs, ev.budget if ev.evicts else None,
+                                 ev.divide_length, config.kv_tokens)
+            cap_allocator(self.plan, self.device)
         self.model = load_model(model_dir, self.device, self.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand back conversion temporaries' segments before the pool takes the rest
         mc = self.model.config
         self.generation_config = generation_defaults(model_dir)
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_ids = eos_ids(self.generation_config, extra_eos)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.pool = KVPool(mc.num_hidden_layers, config.kv_tokens, mc.num_key_value_heads, mc.head_dim,
-                           self.dtype, self.device)
+        kv_tokens = config.kv_tokens or (CPU_KV_TOKENS if self.plan is None else
+                                         min(self.plan.kv_tokens, config.max_seqs * self.max_model_len))
+        self.pool = KVPool(mc.num_hidden_layers, kv_tokens, mc.num_key_value_heads, mc.head_dim, self.dtype,
+                           self.device)
         self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens)
-        self.runner = Runner(self.model, self.pool, self.device)
+        self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
+        self.compressor = Compressor.for_model(config.evict, self.model, self.pool)
         self.generators: dict[int, torch.Generator] = {}
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
@@ -74,6 +89,12 @@ class Engine:
                                 f"{self.max_model_len}; shorten it")
         params = params.with_defaults(self.sampling_defaults)
         seq = Sequence(list(prompt_ids), params, max_len=self.max_model_len)
+        self.compressor.slots_for(seq)
+        ev = self.config.evict
+        if ev.evicts and ev.pin_prompt and len(prompt_ids) + ev.protect_recent >= ev.budget:
+            raise OpenClawError(f"the prompt has {len(prompt_ids)} tokens; with the prompt pinned it must fit the kv "
+                                f"budget {ev.budget} beside {ev.protect_recent} recent tokens; raise --kv-budget "
+                                "or use --no-pin-prompt")
         if seq.slots_needed() > self.pool.num_slots:
             raise OpenClawError(f"the request needs {seq.slots_needed()} KV slots but the pool has "
                                 f"{self.pool.num_slots}; lower max_tokens or raise --kv-tokens")
@@ -90,7 +111,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, seqs = self.runner.step(batch)
+        logits, seqs = self.runner.step(batch, self.compressor.tap(batch))
+        self.compressor.after_step(batch)
         if not seqs:
             return []
         if self.dtype == torch.float16 and not torch.isfinite(logits).all():
@@ -107,11 +129,22 @@ class Engine:
                 self.finish(seq, "length")
         return list(zip(seqs, tokens))
 
+    def inject(self, seq: Sequence, token_ids: list[int]) -> bool:
+        """Append tokens the model did not sample (e.g. </think> when a thinking budget runs out); the next steps
+        compute them like a prompt chunk, then sampling resumes. False, and nothing appended, when they would
+        pass the sequence's max_tokens or length cap (the slots it owns)."""
+        room = min(seq.params.max_tokens - len(seq.output_ids), seq.max_len - seq.num_tokens)
+        if seq.finished or len(token_ids) >= room:
+            return False
+        seq.token_ids.extend(token_ids)
+        return True
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence now (eos, length, a stop string seen at the edge, or the user's abort)."""
         if not seq.finished:
             self.scheduler.finish(seq, reason)
             self.generators.pop(seq.seq_id, None)
+            self.compressor.release(seq)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Run every prompt to completion in shared batches; sequences in the prompts' order."""

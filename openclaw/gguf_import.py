@@ -2,7 +2,8 @@
 
 Owns the GGUF -> HF mapping (config fields, tensor names, llama.cpp's Q/K row permutation, the byte-level BPE
 tokenizer) and the cache of converted directories. It does not quantize: tensors are dequantized to float32 and
-the loader picks the runtime format. Sentencepiece vocabularies and llama3-style rope_freqs are not handled yet.
+the loader picks the runtime format, or (quantized=True) stay in the GGUF file, which openclaw.quant_gguf repacks
+at load. Sentencepiece vocabularies and llama3-style rope_freqs are not handled yet.
 """
 
 import hashlib
@@ -49,15 +50,21 @@ _QWEN2_SPLIT = (
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int], None] | None = None) -> Path:
+def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int], None] | None = None,
+                quantized: bool = False) -> Path:
     """The HF directory converted from `gguf_path`, converting it under `cache_dir / "gguf"` on the first call.
 
-    `progress(done_tensors, total_tensors)` is called after each tensor of a conversion.
+    `progress(done_tensors, total_tensors)` is called after each tensor of a conversion. quantized=True writes no
+    weights: the directory links to the GGUF file (model.gguf) and its config.json says quantization_config
+    {"quant_method": "gguf"}, so the loader streams the file's blocks through openclaw.quant_gguf, still quantized.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise OpenClawError(f"GGUF file {gguf_path} does not exist; check the path.")
-    final = Path(cache_dir) / "gguf" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    name = f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    if quantized:  # the link is part of the result: the same bytes at another path get their own directory
+        name += "-q-" + hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:8]
+    final = Path(cache_dir) / "gguf" / name
     if final.is_dir():
         return final
 
@@ -78,7 +85,12 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
         tmp.chmod(0o755)  # mkdtemp's private 0700 would outlive the rename
         try:
-            _write(tmp, plan, config, tokenizer, tokenizer_config, progress)
+            if quantized:
+                config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "model.gguf"}
+                (tmp / "model.gguf").symlink_to(gguf_path.resolve())
+            else:
+                _write_tensors(tmp, plan, progress)
+            _write_metadata(tmp, config, tokenizer, tokenizer_config)
             try:
                 tmp.rename(final)
             except OSError:
@@ -290,8 +302,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write(out: Path, plan: list, config: dict, tokenizer: Tokenizer, tokenizer_config: dict,
-           progress: Callable[[int, int], None] | None) -> None:
+def _write_tensors(out: Path, plan: list, progress: Callable[[int, int], None] | None) -> None:
     tensors = {}
     for done, (t, name, unpermute) in enumerate(plan, 1):
         # ggml lists dimensions fastest-first; numpy wants them slowest-first.
@@ -303,7 +314,9 @@ def _write(out: Path, plan: list, config: dict, tokenizer: Tokenizer, tokenizer_
         if progress is not None:
             progress(done, len(plan))
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    del tensors
+
+
+def _write_metadata(out: Path, config: dict, tokenizer: Tokenizer, tokenizer_config: dict) -> None:
     tokenizer.save(str(out / "tokenizer.json"))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     for name, data in [("config.json", config), ("tokenizer_config.json", tokenizer_config),

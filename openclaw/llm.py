@@ -1,15 +1,19 @@
-"""The text edge of the engine, shared by the CLI and the server: messages in, streamed text out.
+"""The text edge of the engine, shared by the CLI, the chat and the server: messages in, streamed text out.
 
-It resolves and loads a model, renders chat templates, detokenizes incrementally and applies stop strings
-(calling Engine.finish when one is hit). It does not print; callers decide how text reaches the user.
+It resolves and loads a model, renders chat templates, detokenizes incrementally, splits reasoning from the
+answer, closes thinking budgets and applies stop strings (calling Engine.finish when one is hit). Streams is
+the live form (requests join and leave while decoding: the server's engine thread); LLM.stream and
+LLM.generate run a fixed list. It does not print; callers decide how text reaches the user.
 """
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from openclaw.config import EngineConfig, SamplingParams
 from openclaw.engine import Engine
 from openclaw.hub import resolve_model
+from openclaw.reasoning import THINK_CLOSE, ThinkSplitter, prompt_opens_thinking
 from openclaw.sequence import Sequence
 from openclaw.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 
@@ -18,16 +22,20 @@ from openclaw.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
+    thinking: bool = False  # the prompt ends inside an open <think>: the output starts as reasoning
+    think_budget: int | None = None  # reasoning tokens before </think> is injected; None = unbounded
+    split_reasoning: bool = True  # False: raw text, <think> tags and all, in Delta.text (plain completions)
 
 
 @dataclass
 class Delta:
-    """New text of request `index`; finish_reason is set on its last delta."""
+    """New text of request `index` (answer in text, thinking in reasoning); finish_reason is set on its last."""
 
     index: int
     text: str
     seq: Sequence
     finish_reason: str | None = None
+    reasoning: str = ""
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    reasoning: str = ""
 
 
 class LLM:
@@ -45,38 +54,138 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids)
 
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template reads enable_thinking (Qwen3's does; most others ignore it)."""
+        return "enable_thinking" in (self.tokenizer.chat_template or "")
+
     def chat_ids(self, messages: list[dict], **template_kwargs) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True, **template_kwargs)
+
+    def chat_request(self, messages: list[dict], params: SamplingParams, think: bool | None = None,
+                     think_budget: int | None = None, tools: list[dict] | None = None) -> Request:
+        """A Request for the reply to `messages`; think None leaves thinking to the template's default."""
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=think)
+        return Request(self.tokenizer.encode(text), params, prompt_opens_thinking(text), think_budget)
+
+    def streams(self) -> "Streams":
+        return Streams(self)
 
     def stream(self, requests: list[Request]) -> Iterator[Delta]:
         """Decode all requests together; yields text deltas as they become safe to show (no half characters,
         no partial stop strings). Closing the generator aborts the unfinished sequences."""
-        seqs = [self.engine.add_request(r.prompt_ids, r.params) for r in requests]
-        index = {s.seq_id: i for i, s in enumerate(seqs)}
-        detoks = [IncrementalDetokenizer(self.tokenizer) for _ in seqs]
-        stops = [StopChecker(r.params.stop) for r in requests]
+        live = Streams(self)
         try:
-            while any(not s.finished for s in seqs):
-                for seq, token in self.engine.step():
-                    i = index[seq.seq_id]
-                    text = "" if token in self.engine.eos_ids else detoks[i].push(token)
-                    text, hit = stops[i].feed(text)
-                    if hit:
-                        self.engine.finish(seq, "stop")
-                    elif seq.finished:
-                        text += stops[i].feed(detoks[i].flush())[0] + stops[i].flush()
-                    if text or seq.finished:
-                        yield Delta(i, text, seq, seq.finish_reason if seq.finished else None)
+            for r in requests:
+                live.add(r)
+            while live:
+                yield from live.step()
         finally:
-            for seq in seqs:
-                self.engine.finish(seq, "abort")
+            live.close()
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        texts = [""] * len(requests)
+        texts, reasoning = [""] * len(requests), [""] * len(requests)
         done: dict[int, Delta] = {}
         for d in self.stream(requests):
             texts[d.index] += d.text
+            reasoning[d.index] += d.reasoning
             if d.finish_reason:
                 done[d.index] = d
-        return [Completion(texts[i], len(r.prompt_ids), len(done[i].seq.output_ids), done[i].finish_reason)
-                for i, r in enumerate(requests)]
+        return [Completion(texts[i], len(r.prompt_ids), len(done[i].seq.output_ids), done[i].finish_reason,
+                           reasoning[i]) for i, r in enumerate(requests)]
+
+
+@dataclass
+class _Live:
+    request: Request
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    split: ThinkSplitter | None
+    stop: StopChecker
+    think_left: int | None
+
+
+class Streams:
+    """Requests decoded in one batch that may join (add) and leave (cancel) between steps.
+
+    One thread owns it and the engine: add, cancel and step are not thread-safe. Keys count from 0 in add order.
+    """
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.engine = llm.engine
+        self._live: dict[int, _Live] = {}
+        self._keys = itertools.count()
+        self._close_ids = llm.tokenizer.encode(f"\n{THINK_CLOSE}\n\n")
+
+    def add(self, request: Request) -> int:
+        """Queue a request; raises OpenClawError when it can never run (too long for the context or the pool)."""
+        seq = self.engine.add_request(request.prompt_ids, request.params)
+        key = next(self._keys)
+        self._live[key] = _Live(request, seq, IncrementalDetokenizer(self.llm.tokenizer),
+                                ThinkSplitter(request.thinking) if request.split_reasoning else None,
+                                StopChecker(request.params.stop), request.think_budget)
+        return key
+
+    def cancel(self, key: int) -> None:
+        """Abort a request (client gone, user pressed Ctrl-C); unknown or finished keys are ignored."""
+        live = self._live.pop(key, None)
+        if live is not None:
+            self.engine.finish(live.seq, "abort")
+
+    def close(self) -> None:
+        """Abort every unfinished request."""
+        for key in list(self._live):
+            self.cancel(key)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def sequence(self, key: int) -> Sequence | None:
+        live = self._live.get(key)
+        return live.seq if live else None
+
+    def step(self) -> list[Delta]:
+        """One engine step; a delta for each request with new text, and a last one (finish_reason set) each."""
+        by_seq = {live.seq.seq_id: key for key, live in self._live.items()}
+        deltas = []
+        for seq, token in self.engine.step():
+            key = by_seq.get(seq.seq_id)
+            if key is not None and (d := self._advance(key, token)) is not None:
+                deltas.append(d)
+        return deltas
+
+    def _advance(self, key: int, token: int) -> Delta | None:
+        live = self._live[key]
+        seq = live.seq
+        text = "" if token in self.engine.eos_ids else live.detok.push(token)
+        reasoning, answer = live.split.feed(text) if live.split else ("", text)
+        if live.split and live.split.thinking and live.think_left is not None:
+            live.think_left -= 1
+            if live.think_left <= 0 and self.engine.inject(seq, self._close_ids):
+                live.think_left = None
+                for t in self._close_ids:  # the injected tokens are text the user and the next turn see
+                    r, a = live.split.feed(live.detok.push(t))
+                    reasoning, answer = reasoning + r, answer + a
+        answer, hit = live.stop.feed(answer)
+        if hit:
+            self.engine.finish(seq, "stop")
+        elif seq.finished:
+            r, a = _flush(live)
+            tail, hit = live.stop.feed(a)
+            reasoning, answer = reasoning + r, answer + tail + ("" if hit else live.stop.flush())
+        if seq.finished:
+            del self._live[key]
+        if reasoning or answer or seq.finished:
+            return Delta(key, answer, seq, seq.finish_reason if seq.finished else None, reasoning)
+        return None
+
+
+def _flush(live: _Live) -> tuple[str, str]:
+    """(reasoning, answer) held back by the detokenizer and the splitter, once the sequence has ended."""
+    rest = live.detok.flush()
+    if live.split is None:
+        return "", rest
+    r, a = live.split.feed(rest)
+    r2, a2 = live.split.flush()
+    return r + r2, a + a2

@@ -1,18 +1,25 @@
 """Loads a Hugging Face model directory (config.json + safetensors shards) into our model definitions.
 
 The model is built on the meta device and materialized once at its final dtype/device; checkpoint tensors
-are then read one at a time and copied in, so memory never holds two copies of the weights.
+are then read one at a time and copied in, so memory never holds two copies of the weights. Quantized
+checkpoints become QuantLinear layers: our own layout is read here (save_quantized writes it), other formats
+(AWQ, bitsandbytes, GGUF) arrive converted from openclaw.quant_formats.iter_quantized.
 It does not find or download models (openclaw.hub) or convert GGUF files (openclaw.gguf_import).
 """
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from openclaw.errors import OpenClawError
+from openclaw.kernels.qlinear import QuantWeight, concat_rows, quantize_rtn
+from openclaw.memory import rtn_group
 from openclaw.models import qwen3
+from openclaw.models.layers import QuantEmbedding, QuantLinear
 
 # config.json model_type -> the family file that defines it
 FAMILIES = {arch: qwen3 for arch in qwen3.ARCHITECTURES}
@@ -73,43 +80,136 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    model_dir = Path(model_dir)
-    family, raw = read_config(model_dir)
-    cfg = family.Qwen3Config.from_dict(raw)
-    with torch.device("meta"):
-        model = family.Qwen3ForCausalLM(cfg).to(dtype)
-    model.to_empty(device=device)
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
+def quant_method(raw: dict) -> str | None:
+    """The checkpoint's quantization method (config.json quantization_config.quant_method), None when unquantized."""
+    qc = raw.get("quantization_config")
+    return None if not qc else str(qc.get("quant_method", "?")).lower()
+
+
+def _safetensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor, dict]]:
+    """(file, tensor name, tensor, file metadata) for every tensor of every shard, one tensor in memory at a time."""
     for path in shard_files(model_dir):
         try:
             f = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
             raise OpenClawError(f"{path} is unreadable or truncated ({e}); delete it and download it again")
         with f:
+            meta = f.metadata() or {}
             for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                target = family.checkpoint_target(name)
-                if target is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                pname, index, _ = target
-                if pname not in params:
-                    raise OpenClawError(f"{path.name}: tensor {name} has no place in the {cfg.model_type} model; "
-                                        "is config.json from the same checkpoint?")
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, OSError) as e:
                     raise OpenClawError(f"{path} is truncated or corrupt at tensor {name} ({e}); download it again")
-                dst = params[pname].data
-                if index >= 0:
-                    sizes = family.packed_sizes(cfg, pname.split(".")[-2])
-                    dst = dst.narrow(0, sum(sizes[:index]), sizes[index])
-                if dst.shape != tensor.shape:
-                    raise OpenClawError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
-                                        f"{tuple(dst.shape)}; the config and the weights disagree")
-                dst.copy_(tensor)
-                loaded.add(f"{pname}#{max(index, 0)}")
-    expected = {f"{pname}#{i}" for pname in params
+                yield path, name, tensor, meta
+
+
+_QPARTS = ("qweight", "scales", "offsets", "lut")
+
+
+def _internal_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """Our own quantized layout on disk (quant_method "openclaw", written by save_quantized): each quantized weight
+    is NAME.qweight / .scales / [.offsets] / [.lut] in one file, whose metadata "openclaw.quant" holds
+    {NAME: [bits, group, N, K]}."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for path, name, tensor, meta in _safetensors(model_dir):
+        layouts = json.loads(meta.get("openclaw.quant", "{}"))
+        base, _, part = name.rpartition(".")
+        if f"{base}#parts" not in layouts:
+            yield name, tensor
+            continue
+        parts.setdefault(base, {})[part] = tensor
+        have = parts[base]
+        if set(have) >= set(layouts[f"{base}#parts"]):
+            del parts[base]
+            bits, group, n, k = layouts[base]
+            try:
+                yield base, QuantWeight(have["qweight"], have["scales"], have.get("offsets"), have.get("lut"), bits,
+                                        group, (n, k))
+            except AssertionError as e:
+                raise OpenClawError(f"{path.name}: quantized tensor {base} is malformed ({e})")
+    if parts:
+        raise OpenClawError(f"{model_dir}: quantized tensor {next(iter(parts))} is missing some of its parts")
+
+
+def save_quantized(path: Path, tensors: dict[str, torch.Tensor | QuantWeight]) -> None:
+    """Write one safetensors shard in our quantized layout (what _internal_tensors reads back)."""
+    flat, layouts = {}, {}
+    for name, t in tensors.items():
+        if isinstance(t, QuantWeight):
+            present = [p for p in _QPARTS if getattr(t, p) is not None]
+            layouts[name] = [t.bits, t.group, *t.shape]
+            layouts[f"{name}#parts"] = present
+            flat.update({f"{name}.{p}": getattr(t, p).contiguous().cpu() for p in present})
+        else:
+            flat[name] = t.contiguous().cpu()
+    save_file(flat, str(path), metadata={"openclaw.quant": json.dumps(layouts)})
+
+
+def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = "cpu",
+                       nf4: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """Every tensor of the checkpoint by its checkpoint name, quantized weights as QuantWeight, streamed; nf4:
+    quantize an unquantized checkpoint's linear layers to NF4 on the way (converters run on `device`)."""
+    method = quant_method(raw)
+    if method is None and not nf4:
+        return ((name, tensor) for _, name, tensor, _ in _safetensors(model_dir))
+    if method == "openclaw":
+        return _internal_tensors(model_dir)
+    from openclaw.quant_formats import iter_quantized  # imports this module: not at the top
+
+    return iter_quantized(model_dir, raw, device, nf4=nf4)
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> torch.nn.Module:
+    """The model with the checkpoint's weights on `device`: linear layers in dtype, or quantized (QuantLinear) when
+    the checkpoint is (or nf4 asks to quantize it while loading); then embeddings and lm_head, and any tensor the
+    checkpoint left unquantized, become 8-bit."""
+    model_dir = Path(model_dir)
+    family, raw = read_config(model_dir)
+    cfg = family.Qwen3Config.from_dict(raw)
+    quantized = quant_method(raw) is not None or nf4
+    with torch.device("meta"):
+        model = family.Qwen3ForCausalLM(cfg, quantized).to(dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    qmodules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    if quantized and cfg.tie_word_embeddings:
+        del qmodules["lm_head.weight"]  # shares the embedding's weight, set below
+    loaded: set[str] = set()
+    pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
+    for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4):
+        target = family.checkpoint_target(name)
+        if target is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        pname, index, nparts = target
+        if pname not in params and pname not in qmodules:
+            raise OpenClawError(f"{model_dir.name}: tensor {name} has no place in the {cfg.model_type} model; "
+                                "is config.json from the same checkpoint?")
+        rows = family.packed_sizes(cfg, pname.split(".")[-2])[index] if index >= 0 else None
+        if pname in qmodules:
+            module = qmodules[pname]
+            qw = _as_quantized(name, tensor, rows, module, device)
+            if index < 0:
+                _set_quantized(module, qw.to(device), dtype)
+            else:
+                parts = pending.setdefault(pname, {})
+                parts[index] = qw
+                if len(parts) == nparts:
+                    _set_quantized(module, concat_rows([parts[i] for i in range(nparts)]).to(device), dtype)
+                    del pending[pname]
+        else:
+            if isinstance(tensor, QuantWeight):
+                raise OpenClawError(f"tensor {name} is quantized but the model expects it in full precision")
+            dst = params[pname].data
+            if index >= 0:
+                dst = dst.narrow(0, sum(family.packed_sizes(cfg, pname.split(".")[-2])[:index]), rows)
+            if dst.shape != tensor.shape:
+                raise OpenClawError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                                    f"{tuple(dst.shape)}; the config and the weights disagree")
+            dst.copy_(tensor)
+        loaded.add(f"{pname}#{max(index, 0)}")
+    if quantized and cfg.tie_word_embeddings:
+        model.lm_head.qweight = model.model.embed_tokens.qweight
+    expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
                 for i in range(len(family.PACKED.get(pname.split(".")[-2], "x")))}
     missing = sorted(expected - loaded)
     if missing:
@@ -117,3 +217,25 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype) -> tor
                             f"(first: {missing[0]}); the download may be incomplete")
     return model.eval()
 
+
+def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | None, module: torch.nn.Module,
+                  device: torch.device) -> QuantWeight:
+    """A checkpoint tensor for a quantized module, checked against the shape config.json implies; full-precision
+    tensors (embeddings, lm_head, layers a format leaves unquantized) are quantized to 8 bits here."""
+    if isinstance(module, QuantEmbedding):
+        shape = (module.num_embeddings, module.embedding_dim)
+    else:
+        shape = (module.out_features if rows is None else rows, module.in_features)
+    got = tuple(tensor.shape)
+    if got != shape:
+        raise OpenClawError(f"tensor {name} has shape {got} but config.json implies {shape}; "
+                            "the config and the weights disagree")
+    if isinstance(tensor, QuantWeight):
+        return tensor
+    return quantize_rtn(tensor, 8, rtn_group(shape[1]), device=device)
+
+
+def _set_quantized(module: torch.nn.Module, qw: QuantWeight, dtype: torch.dtype) -> None:
+    module.qweight = qw
+    if isinstance(module, QuantEmbedding):
+        module.dtype = dtype

@@ -46,8 +46,9 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.num_computed < seq.prompt_len:
-                n = min(seq.num_pending, budget)
+            if seq.num_computed < seq.prompt_len or seq.num_pending > 1:  # prompt, or tokens Engine.inject added
+                # an evicting sequence owns budget + divide_length slots and is compressed between chunks
+                n = min(seq.num_pending, budget, seq.capacity - seq.kv_len)
                 batch.append((seq, n))
                 budget -= n
         return batch

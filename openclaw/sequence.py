@@ -31,6 +31,8 @@ class Sequence:
     slot_base: int | None = None
     capacity: int = 0  # slots owned in the pool
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", "abort"
+    kv_budget: int | None = None  # with eviction: cached tokens kept after each compression
+    divide_length: int = 128  # with eviction: compress when the cache reaches kv_budget + divide_length
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
@@ -53,5 +55,6 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def slots_needed(self) -> int:
-        """Pool slots this sequence must own to run to its end without eviction."""
-        return min(self.max_len, self.prompt_len + self.params.max_tokens)
+        """Pool slots this sequence must own: its whole length, or budget + divide_length when it evicts."""
+        length = min(self.max_len, self.prompt_len + self.params.max_tokens)
+        return length if self.kv_budget is None else min(length, self.kv_budget + self.divide_length)

