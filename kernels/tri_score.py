@@ -47,7 +47,7 @@ def expected_query(mu_re: torch.Tensor, mu_im: torch.Tensor, a_mean: torch.Tenso
     mu_re, mu_im, a_mean: [L, H, F]; omega: [F]; t: the next query's absolute position. Phases in fp64 because
     omega (t + d) reaches ~1e5 radians.
     """
-    phase = omega.double()[None, :] * (t + torch.tensor(offsets, dtype=torch.float64))[:, None]  # [O, F]
+    phase = omega.double()[None, :] * (t + torch.tensor(offsets, dtype=torch.float64, device=omega.device))[:, None]  # [O, F]
     er, ei = phase.cos().mean(0).float().to(mu_re.device), phase.sin().mean(0).float().to(mu_re.device)
     qr, qi = mu_re * er - mu_im * ei, mu_re * ei + mu_im * er
     w = a_mean - torch.sqrt(mu_re ** 2 + mu_im ** 2)
@@ -116,7 +116,7 @@ def tri_score_series(keys: torch.Tensor, mu_re: torch.Tensor, mu_im: torch.Tenso
     """The post-RoPE form written out term by term (one cosine per band and offset): checks the folding."""
     k_re, k_im = _bands(keys)
     n = keys.shape[1]
-    phase = (omega.double()[None, :] * (t + torch.tensor(offsets, dtype=torch.float64))[:, None])[:, None, :]
+    phase = (omega.double()[None, :] * (t + torch.tensor(offsets, dtype=torch.float64, device=omega.device))[:, None])[:, None, :]
     return _series(k_re, k_im, mu_re, mu_im, a_mean, phase.expand(-1, n, -1).to(keys.device), terms)
 
 
@@ -125,7 +125,7 @@ def tri_score_prerope_series(keys_pre: torch.Tensor, positions: torch.Tensor, mu
                           terms: str = "both") -> torch.Tensor:
     """The paper's pre-RoPE form: keys before rotation plus their positions [n]; phase omega (t - p + d)."""
     k_re, k_im = _bands(keys_pre)
-    d = torch.tensor(offsets, dtype=torch.float64)
+    d = torch.tensor(offsets, dtype=torch.float64, device=omega.device)
     dist = t - positions.double().cpu()[None, :] + d[:, None]  # [O, n]
     phase = dist[:, :, None] * omega.double()[None, None, :]
     return _series(k_re, k_im, mu_re, mu_im, a_mean, phase.to(keys_pre.device), terms)
