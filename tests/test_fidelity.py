@@ -60,12 +60,13 @@ def test_engine_generates_past_its_slots_and_matches_full_when_nothing_is_evicte
     roomy = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=1024, evict=evict(policy, 200)))
     assert roomy.generate([prompt], GREEDY)[0].output_ids == plain[0].output_ids
     assert roomy.compressor.evictions == 0
-    # 40 + 16 slots for a 120-token sequence: it must compress (5 times) and still finish
+    # 40 + 16 slots for a 120-token sequence: the cache reaches 56 at 56, 72, 88 and 104 cached tokens (the last
+    # sampled token never enters it, so at most 119 are cached): 4 compressions, and it still finishes
     tight = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=56, max_seqs=1,
                                       evict=evict(policy, 40)))
     seq = tight.generate([prompt], GREEDY)[0]
     assert len(seq.output_ids) == 100 and seq.capacity == 56
-    assert tight.compressor.evictions >= 5
+    assert tight.compressor.evictions == 4
     assert tight.pool.allocator.num_free == 56 and not tight.compressor.states
 
 
