@@ -83,91 +83,100 @@ class QuantWeight:
 
 
 def _gemv_configs() -> list[triton.Config]:
-    shapes = [(8, 512, 4), (4, 1024, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 512, 8)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
+    # small tiles and one warp won on the H200 (bench/gemv_lab.py, 2026-11-29): many programs in flight, each
+    # prefetching its next tile, hide memory latency better than wide tiles
+    shapes = [(8, 64, 1), (16, 128, 2), (8, 128, 1), (4, 64, 1), (16, 256, 4), (16, 64, 1)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_W": w}, num_warps=nw) for n, w, nw in shapes]
 
 
 def _prune_gemv_configs(configs, named_args, **kwargs):
-    group = kwargs.get("GROUP", named_args.get("GROUP"))
-    fit = [c for c in configs if c.kwargs["BLOCK_K"] >= group]
+    args = {**named_args, **kwargs}  # where constexprs arrive differs between Triton versions
+    wpg = args["GROUP"] * args["BITS"] // 32  # words per group: a tile holds whole groups
     if not named_args["x_ptr"].is_cuda:
         # Triton's interpreter (CPU tensors) runs programs one by one: few large tiles keep real shapes fast there
-        return [triton.Config({"BLOCK_N": 256, "BLOCK_K": max(4096, group)})]
-    # weights under 4 MiB take microseconds whatever the tile: not worth compiling and timing every config
-    return fit if named_args["N"] * named_args["K"] >= 1 << 22 else fit[:1]
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_W": max(512, wpg)})]
+    fit = [c for c in configs if c.kwargs["BLOCK_W"] >= wpg] or [triton.Config({"BLOCK_N": 8, "BLOCK_W": wpg})]
+    # batched decode (M > 1) and weights under 4 MiB: not worth compiling and timing every config
+    return fit if args["M"] == 1 and args["N"] * args["W"] >= 1 << 20 else fit[:1]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "M", "BITS", "GROUP"],
+@triton.jit
+def _code_plus_one(b_q, i: tl.constexpr, BITS: tl.constexpr):
+    """Code i of each int32 word as the fp32 number 1 + c / 2^BITS, without an int -> float conversion (I2F runs
+    at a quarter of the FMA rate, enough to cap a GEMV under half the memory bandwidth): the code is shifted to the
+    top of the mantissa under the exponent of 1.0. One shift and one and-or per code."""
+    POS: tl.constexpr = 23 - BITS
+    MASK: tl.constexpr = ((1 << BITS) - 1) << POS
+    if POS >= BITS * i:
+        t = b_q << (POS - BITS * i)
+    else:
+        t = b_q >> (BITS * i - POS)
+    return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "W", "M", "BITS", "GROUP"],
                  prune_configs_by={"early_config_prune": _prune_gemv_configs})
 @triton.jit
-def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_qn, stride_sn,
+def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, W, stride_xm, stride_qn, stride_sn,
                   stride_ym, M: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr,
                   HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias) for m < M <= 8: one program per BLOCK_N rows of W, looping over K
-    in tiles of BLOCK_K // GROUP whole groups. Per group the codes are dotted with x first and scaled once, and the
-    offset term is offsets x sum(x over the group), so the inner loop does one multiply-add per weight."""
-    G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
-    CPB: tl.constexpr = 8 // BITS  # codes per byte
-    GB: tl.constexpr = GROUP // CPB  # bytes per group
+                  BLOCK_W: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias) for m < M <= 8, reading the codes as int32 words (W per row; code
+    i of word w is k = w * CPW + i): one program per BLOCK_N rows, looping over tiles of G whole groups, the next
+    tile's words, scales and offsets loaded before the current one is computed.
+
+    Per group: sum_k c_k x_k comes from f_k = 1 + c_k / 2^BITS as 2^BITS * (sum f_k x_k - sum x_k), so
+    sum_k w_k x_k = s * 2^BITS * sum f_k x_k + (o - s * 2^BITS) * sum x_k: one FMA per code, two per group."""
+    CPW: tl.constexpr = 32 // BITS  # codes per word
+    WPG: tl.constexpr = GROUP // CPW  # words per group
+    G: tl.constexpr = BLOCK_W // WPG  # groups per tile
     i_n = tl.program_id(0).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_g = tl.arange(0, G)
-    o_b = tl.arange(0, GB)
+    o_w = o_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [G, WPG]: word offsets within a tile
     o_m = tl.arange(0, M_PAD)
-    num_groups = K // GROUP
-    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, G, GB), dtype=tl.float32)
-    for g0 in range(0, num_groups, G):
-        m_g = (g0 + o_g) < num_groups
-        p_q = qw_ptr + o_n[:, None, None] * stride_qn + ((g0 + o_g) * GB)[None, :, None] + o_b[None, None, :]
-        b_q = tl.load(p_q, mask=m_n[:, None, None] & m_g[None, :, None], other=0)
-        p_s = s_ptr + o_n[:, None] * stride_sn + (g0 + o_g)[None, :]
-        m_ng = m_n[:, None] & m_g[None, :]
-        b_s = tl.load(p_s, mask=m_ng, other=0.0).to(tl.float32)
-        if HAS_OFFSETS:
-            b_o = tl.load(o_ptr + o_n[:, None] * stride_sn + (g0 + o_g)[None, :], mask=m_ng, other=0.0).to(tl.float32)
-        if BITS == 4:
-            c_lo = b_q & 0xF
-            c_hi = b_q >> 4
+    num_groups = W // WPG
+    p_q = qw_ptr + o_n[:, None, None] * stride_qn + o_w[None, :, :]
+    p_s = o_n[:, None] * stride_sn + o_g[None, :]
+    b_q = tl.load(p_q, mask=m_n[:, None, None] & (o_w < W)[None], other=0)
+    m_ng = m_n[:, None] & (o_g < num_groups)[None, :]
+    b_s = tl.load(s_ptr + p_s, mask=m_ng, other=0.0)
+    b_o = tl.load(o_ptr + p_s, mask=m_ng, other=0.0) if HAS_OFFSETS else b_s
+    acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)  # M == 1: reduced over the groups once, after the loop
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)  # M > 1
+    for w0 in range(0, W, BLOCK_W):
+        w1 = w0 + BLOCK_W
+        n_q = tl.load(p_q + w1, mask=m_n[:, None, None] & ((w1 + o_w) < W)[None], other=0)
+        m_ng = m_n[:, None] & ((w1 // WPG + o_g) < num_groups)[None, :]
+        n_s = tl.load(s_ptr + p_s + w1 // WPG, mask=m_ng, other=0.0)
+        n_o = tl.load(o_ptr + p_s + w1 // WPG, mask=m_ng, other=0.0) if HAS_OFFSETS else n_s
+        b_s = b_s.to(tl.float32)
+        b_o = b_o.to(tl.float32) if HAS_OFFSETS else tl.zeros_like(b_s)
+        m_w = (w0 + o_w) < W
+        for m in tl.static_range(M):
+            part = tl.zeros((BLOCK_N, G, WPG), dtype=tl.float32)
+            x_sum = tl.zeros((G, WPG), dtype=tl.float32)
+            for i in tl.static_range(CPW):
+                b_x = tl.load(x_ptr + m * stride_xm + (w0 + o_w) * CPW + i, mask=m_w, other=0.0).to(tl.float32)
+                if HAS_LUT:
+                    part += tl.load(lut_ptr + ((b_q >> (BITS * i)) & 0xF)) * b_x[None]
+                else:
+                    part += _code_plus_one(b_q, i, BITS) * b_x[None]
+                x_sum += b_x
+            x_g = tl.sum(x_sum, axis=1)[None, :]
             if HAS_LUT:
-                w_lo = tl.load(lut_ptr + c_lo.to(tl.int32))
-                w_hi = tl.load(lut_ptr + c_hi.to(tl.int32))
+                y_g = tl.sum(part, axis=2) * b_s + x_g * b_o
             else:
-                w_lo = c_lo.to(tl.float32)
-                w_hi = c_hi.to(tl.float32)
-        else:
-            w_lo = b_q.to(tl.float32)
-        o_k = ((g0 + o_g) * GROUP)[:, None] + o_b[None, :] * CPB  # [G, GB]: k of each byte's low code
-        if M == 1:  # decode at batch 1: accumulate elementwise, reduce once after the loop (no shuffles per tile)
-            x_lo = tl.load(x_ptr + o_k, mask=m_g[:, None], other=0.0).to(tl.float32)
-            if BITS == 4:
-                x_hi = tl.load(x_ptr + o_k + 1, mask=m_g[:, None], other=0.0).to(tl.float32)
-                t = (w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :]) * b_s[:, :, None]
-                x_sum = x_lo + x_hi
+                s_top = b_s * (1 << BITS)
+                y_g = tl.sum(part, axis=2) * s_top + x_g * (b_o - s_top)
+            if M == 1:
+                acc1 += y_g
             else:
-                t = w_lo * x_lo[None, :, :] * b_s[:, :, None]
-                x_sum = x_lo
-            if HAS_OFFSETS:
-                t += b_o[:, :, None] * x_sum[None, :, :]
-            acc3 += t
-        for m in tl.static_range(M if M > 1 else 0):
-            p_x = x_ptr + m * stride_xm + o_k
-            x_lo = tl.load(p_x, mask=m_g[:, None], other=0.0).to(tl.float32)
-            if BITS == 4:
-                x_hi = tl.load(p_x + 1, mask=m_g[:, None], other=0.0).to(tl.float32)
-                part = tl.sum(w_lo * x_lo[None, :, :] + w_hi * x_hi[None, :, :], axis=2)
-                x_sum = tl.sum(x_lo + x_hi, axis=1)
-            else:
-                part = tl.sum(w_lo * x_lo[None, :, :], axis=2)
-                x_sum = tl.sum(x_lo, axis=1)
-            y = tl.sum(part * b_s, axis=1)
-            if HAS_OFFSETS:
-                y += tl.sum(b_o * x_sum[None, :], axis=1)
-            acc += tl.where(o_m[:, None] == m, y[None, :], 0.0)
+                acc += tl.where(o_m[:, None] == m, tl.sum(y_g, axis=1)[None, :], 0.0)
+        b_q, b_s, b_o = n_q, n_s, n_o
     if M == 1:
-        acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+        acc += tl.sum(acc1, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     p_y = y_ptr + o_m[:, None] * stride_ym + o_n[None, :]
@@ -224,9 +233,10 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert y.shape == (M, N) and y.stride(1) == 1
     s = qw.scales
+    qw32 = qw.qweight.view(torch.int32)  # little-endian: byte j of a word holds codes 4j.. of the word, in k order
     _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, qw.qweight, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
-        s if bias is None else bias, y, N, K, x.stride(0), qw.qweight.stride(0), s.stride(0), y.stride(0),
+        x, qw32, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
+        s if bias is None else bias, y, N, qw32.shape[1], x.stride(0), qw32.stride(0), s.stride(0), y.stride(0),
         M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None,
         HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M))
     return y
