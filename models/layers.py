@@ -1,9 +1,9 @@
 """Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention,
 and the quantized linear / embedding layers over kernels/qlinear.py's layout.
 
-Attention here is the plain-PyTorch path (SDPA per sequence) that reads the KV pool exactly the way the GPU
-kernels do: a sequence's slots [base, base + kv_len) in temporal order, keys already rotated.
-It does not own the pool or decide what is cached; the runner and the KV pool do.
+Attention reads the KV pool as a sequence's slots [base, base + kv_len) in temporal order, keys already rotated:
+SDPA per sequence for prefill, and for decode either grouped matmuls (the plain path) or, with `fused`, the Triton
+flash-decoding kernel. It does not own the pool or decide what is cached; the runner and the KV pool do.
 """
 
 import math
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from openclaw.kernels.decode_attention import decode_attention
+from openclaw.kernels.decode_ops import add_rmsnorm
 from openclaw.kernels.qlinear import qlinear
 from torch import nn
 
@@ -27,8 +29,11 @@ class BatchMeta:
     query_tap: when set, each attention layer calls it in layer order with its queries (pre-RoPE: exactly the
                vectors RoPE rotates; post-RoPE), both [T, H, D], after writing this step's K/V to the pool.
                Calibration and query-based eviction read queries through it; None costs nothing.
-    kv_valid: [number of sequences] slots each decoding sequence really has, when seqs' kv_len is only an upper
-              bound fixed at CUDA-graph capture (the runner's batch-1 decode graphs); slots past it are masked.
+    kv_valid: [number of sequences] slots each sequence really has, on the device: at most seqs' kv_len, which is
+              only an upper bound fixed at CUDA-graph capture in the runner's batch-1 decode graphs; slots past it
+              are masked. The fused decode attention reads lengths only from here (with slot_base).
+    slot_base: [number of sequences] each sequence's first slot, on the device; with kv_valid it lets the fused
+               decode attention run without host values, so a graph replays at any length. None: plain decode.
     """
 
     slot_mapping: torch.Tensor
@@ -36,6 +41,7 @@ class BatchMeta:
     sample_idx: torch.Tensor
     query_tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     kv_valid: torch.Tensor | None = None
+    slot_base: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +55,16 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [T, N] -> (norm(x + residual), x + residual), vLLM style: the sum is the residual stream the
+        next block adds to; residual None means x alone. fused: one Triton kernel (kernels/decode_ops.py)."""
+        if fused:
+            return add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return self(x), x
 
 
 def rope_parameters(cfg: dict) -> dict:
@@ -146,10 +162,21 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta,
-                   scale: float) -> torch.Tensor:
-    """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step."""
+                   scale: float, fused: bool = False) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step.
+
+    fused (with meta.slot_base and meta.kv_valid set): decoding sequences use the Triton flash-decoding kernel, all
+    of them in one launch when every sequence of the step decodes."""
+    fused = fused and meta.slot_base is not None and meta.kv_valid is not None
+    if fused and all(q_len == 1 and q_start == i for i, (q_start, q_len, _, _) in enumerate(meta.seqs)):
+        max_len = max(kv_len for _, _, _, kv_len in meta.seqs)
+        return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len)
     out = torch.empty_like(q)
     for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
+        if q_len == 1 and fused:
+            decode_attention(q[q_start:q_start + 1], k_cache, v_cache, meta.slot_base[i:i + 1],
+                             meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1])
+            continue
         qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
         ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
         vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)

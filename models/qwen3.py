@@ -2,6 +2,8 @@
 
 Reads top to bottom: config (HF field names, from config.json) -> modules -> model -> checkpoint-name mapping.
 The checkpoint's q/k/v and gate/up projections are fused here; PACKED says how their tensors fold in.
+With `fused` (on CUDA by default) norms, q/k-norm + RoPE + KV write and SiLU-mul run as Triton kernels
+(kernels/decode_ops.py) and decode attention as flash-decoding; the plain path is the CPU reference.
 It does not load weights (openclaw.loader does) or own the KV pool (the runner passes it in).
 """
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from openclaw.kernels.decode_ops import qk_norm_rope_kv, silu_mul
 from openclaw.models.layers import (
     BatchMeta,
     QuantEmbedding,
@@ -85,22 +88,29 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.eps = cfg.rms_norm_eps
         self.scale = self.d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """x: [T, hidden]; k_cache, v_cache: [S, Hkv, D] (this layer's pool)."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_pre = q
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        if meta.query_tap is not None:
-            meta.query_tap(q_pre, q)
-        o = pool_attention(q, k_cache, v_cache, meta, self.scale)
+        qkv = self.qkv_proj(x)
+        if fused and meta.query_tap is None:  # the tap needs pre-RoPE queries, which the fused kernel never stores
+            norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+            q = qk_norm_rope_kv(qkv, *norms, self.eps, cos, sin, k_cache, v_cache, meta.slot_mapping, self.h,
+                                self.hkv, self.d)
+        else:
+            q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+            q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q_pre = q
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            if meta.query_tap is not None:
+                meta.query_tap(q_pre, q)
+        o = pool_attention(q, k_cache, v_cache, meta, self.scale, fused)
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
@@ -111,7 +121,9 @@ class MLP(nn.Module):
         self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantized)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -124,9 +136,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache, fused=False):
+        """-> (this layer's MLP output, the residual stream before it): the caller adds them, here in the next
+        layer's add_norm, so that the add and the norm are one kernel on the fused path."""
+        x, residual = self.input_layernorm.add_norm(x, residual, fused)
+        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache, fused)
+        x, residual = self.post_attention_layernorm.add_norm(x, residual, fused)
+        return self.mlp(x, fused), residual
 
 
 class Backbone(nn.Module):
@@ -140,7 +156,9 @@ class Backbone(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     """quantized: every linear layer is a QuantLinear and the embedding a QuantEmbedding; the loader fills them from a
-    quantized checkpoint (embeddings and lm_head in 8 bits). A tied quantized lm_head shares the embedding's weight."""
+    quantized checkpoint (embeddings and lm_head in 8 bits). A tied quantized lm_head shares the embedding's weight.
+    fused_kernels: run the Triton kernels (True; Triton's interpreter on CPU tensors) or the plain PyTorch path
+    (False); None picks them when the inputs are on CUDA."""
 
     def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
@@ -150,6 +168,7 @@ class Qwen3ForCausalLM(nn.Module):
         if quantized or not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, quantized)
         self.rope = Rope(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+        self.fused_kernels: bool | None = None
 
     def lm_head_weight(self) -> torch.Tensor:
         """The unquantized model's output projection [vocab, hidden]."""
@@ -164,11 +183,15 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; k_pool, v_pool: [L, S, Hkv, D] -> logits [N, vocab] (fp32) of sampled rows."""
+        fused = input_ids.is_cuda if self.fused_kernels is None else self.fused_kernels
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, meta, k_pool[i], v_pool[i])
-        return self.logits(self.model.norm(x[meta.sample_idx]))
+            x, residual = layer(x, residual, cos, sin, meta, k_pool[i], v_pool[i], fused)
+        idx = meta.sample_idx
+        x, _ = self.model.norm.add_norm(x[idx], None if residual is None else residual[idx], fused)
+        return self.logits(x)
 
 
 def checkpoint_target(name: str) -> tuple[str, int, int] | None:

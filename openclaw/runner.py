@@ -1,7 +1,7 @@
 """Turns a scheduled step into tensors, runs the model over the KV pool, and returns logits of sampled rows.
 
-On CUDA a decode step of a single sequence replays a captured CUDA graph (one launch instead of ~500 small ones);
-a graph attends to a power-of-two bucket of the sequence's slots, masked down to its real length.
+On CUDA a decode step of a single sequence replays a captured CUDA graph (one launch instead of one per kernel of
+every layer); a graph attends to a power-of-two bucket of the sequence's slots, masked down to its real length.
 It does not choose what runs (the scheduler does) or pick tokens (the sampler does).
 """
 
@@ -62,6 +62,9 @@ class Runner:
         else:
             meta = BatchMeta(slot_mapping=tensor(slots), seqs=seqs, sample_idx=tensor(sample_rows),
                              query_tap=query_tap)
+            if self.device.type == "cuda":  # the fused decode attention reads slot ranges from the device
+                spans = tensor([s[2] for s in seqs] + [s[3] for s in seqs])
+                meta.slot_base, meta.kv_valid = spans[:len(seqs)], spans[len(seqs):]
             logits = self.model(tensor(ids), tensor(positions), meta, self.pool.k, self.pool.v)
         for seq, n in batch:
             seq.num_computed += n
@@ -81,7 +84,8 @@ class Runner:
 
     def _capture(self, base: int, bucket: int, inputs: torch.Tensor) -> DecodeGraph:
         meta = BatchMeta(slot_mapping=inputs[2:3], seqs=[(0, 1, base, bucket)],
-                         sample_idx=torch.zeros(1, dtype=torch.long, device=self.device), kv_valid=inputs[3:4])
+                         sample_idx=torch.zeros(1, dtype=torch.long, device=self.device), kv_valid=inputs[3:4],
+                         slot_base=torch.full((1,), base, dtype=torch.long, device=self.device))
 
         def forward() -> torch.Tensor:
             return self.model(inputs[0:1], inputs[1:2], meta, self.pool.k, self.pool.v)

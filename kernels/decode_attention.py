@@ -1,0 +1,157 @@
+"""Decode attention over the KV pool (one query token per sequence), flash-decoding style: the keys of a sequence are
+cut into a fixed number of partitions, one program per (sequence, KV head, partition) computes a partial softmax for
+the whole query group of that KV head, and a combine kernel merges the partitions. Plus the plain-PyTorch reference.
+
+Lengths are read from device tensors at run time and the partition count depends only on the static length bound, so
+a captured CUDA graph replays at any length up to the bound. It does not do prefill (models/layers.py uses SDPA).
+"""
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_PARTITION = 128  # keys: shorter partitions cost more in the combine than they gain in parallelism
+WAVES = 4  # programs per SM the partition count aims for, so the last wave's tail is a small part of the work
+
+
+@lru_cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit(do_not_specialize=["part_len"])
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml_ptr, part_len, scale,
+                             stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                             HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """Grid (B * Hkv, P): keys [p * part_len, (p + 1) * part_len) of sequence b, clipped to its length, against the G
+    query heads of KV head g, so each key block is loaded once for the group (G padded to BLOCK_G >= 16 for tl.dot).
+    Writes the unnormalized output acc [B, H, P, D] and the running max and sum ml [B, H, P, 2] (fp32, base-2
+    logits); an empty partition leaves max -inf and sum 0, which the combine weighs by zero. DOT_F32: fp32 operands
+    and IEEE products (an fp32 pool; and Triton's interpreter, whose tl.dot cannot multiply bf16)."""
+    i_bg = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(1)
+    i_b = i_bg // HKV
+    i_g = i_bg % HKV
+    base = tl.load(base_ptr + i_b).to(tl.int64)
+    n = tl.load(len_ptr + i_b).to(tl.int64)
+    start = i_p * part_len
+    end = tl.minimum(start + part_len, n)
+    o_g = tl.arange(0, BLOCK_G)
+    o_d = tl.arange(0, BLOCK_D)
+    m_g = o_g < G
+    m_d = o_d < D
+    o_h = i_g * G + o_g
+    p_q = q_ptr + i_b * stride_qb + o_h[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+    qk_scale = scale * 1.4426950408889634  # exp2 instead of exp
+    b_m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for j in range(start, end, BLOCK_N):
+        o_n = j + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        m_nd = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(k_ptr + (base + o_n)[:, None] * stride_ks + i_g * stride_kh + o_d[None, :], mask=m_nd, other=0.0)
+        if DOT_F32:
+            b_s = tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(v_ptr + (base + o_n)[:, None] * stride_vs + i_g * stride_vh + o_d[None, :], mask=m_nd, other=0.0)
+        if DOT_F32:
+            b_pv = tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
+        else:
+            b_pv = tl.dot(b_p.to(v_ptr.dtype.element_ty), b_v)
+        b_acc = b_acc * b_alpha[:, None] + b_pv
+        b_m = b_m_new
+    o_bhp = (i_b * HKV * G + o_h) * n_p + i_p  # row of (b, h, p) in [B, H, P]
+    tl.store(acc_ptr + o_bhp[:, None] * D + o_d[None, :], b_acc, mask=m_g[:, None] & m_d[None, :])
+    tl.store(ml_ptr + o_bhp * 2, b_m, mask=m_g)
+    tl.store(ml_ptr + o_bhp * 2 + 1, b_l, mask=m_g)
+
+
+@triton.jit(do_not_specialize=["num_parts"])
+def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, num_parts, stride_ob, stride_oh, H: tl.constexpr,
+                           D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B * H,): o[b, h] = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p over the P partitions."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_p = tl.arange(0, BLOCK_P)
+    o_d = tl.arange(0, BLOCK_D)
+    m_p = o_p < num_parts
+    m_d = o_d < D
+    o_row = i_bh * num_parts + o_p
+    b_m = tl.load(ml_ptr + o_row * 2, mask=m_p, other=float("-inf"))
+    b_l = tl.load(ml_ptr + o_row * 2 + 1, mask=m_p, other=0.0)
+    b_w = tl.exp2(b_m - tl.max(b_m, axis=0))
+    b_w = tl.where(m_p & (b_l > 0), b_w, 0.0)  # empty partitions: -inf - (-inf) would be NaN
+    b_acc = tl.load(acc_ptr + o_row[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0)
+    b_o = tl.sum(b_acc * b_w[:, None], axis=0) / tl.sum(b_l * b_w, axis=0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    tl.store(o_ptr + i_b * stride_ob + i_h * stride_oh + o_d, b_o.to(o_ptr.dtype.element_ty), mask=m_d)
+
+
+def num_partitions(max_len: int, batch_heads: int, device: torch.device) -> int:
+    """Partitions of max_len keys so that batch_heads * P programs fill the GPU about WAVES times over; each at least
+    MIN_PARTITION keys. Depends only on static sizes, so a CUDA graph captured at a length bound keeps it."""
+    if device.type != "cuda":
+        return max(1, min(4, triton.cdiv(max_len, MIN_PARTITION)))
+    want = triton.cdiv(WAVES * _num_sms(device), batch_heads)
+    return max(1, min(want, triton.cdiv(max_len, MIN_PARTITION)))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
+                     kv_len: torch.Tensor, scale: float, max_len: int, num_parts: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D].
+
+    Sequence b attends to slots [slot_base[b], slot_base[b] + kv_len[b]) (slot_base, kv_len: [B] int device
+    tensors, 1 <= kv_len[b] <= max_len); query head h reads KV head h // (H / Hkv); softmax in fp32.
+    max_len: the static bound the partitioning is derived from; num_parts overrides the partition count."""
+    B, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    assert H % Hkv == 0 and k_cache.shape[1:] == (Hkv, D) and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.dtype == v_cache.dtype and slot_base.shape == (B,) and kv_len.shape == (B,) and max_len >= 1
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if num_parts is None:
+        num_parts = num_partitions(max_len, B * Hkv, q.device)
+    block_n = 64
+    part_len = triton.cdiv(triton.cdiv(max_len, num_parts), block_n) * block_n
+    num_parts = triton.cdiv(max_len, part_len)
+    acc = torch.empty(B, H, num_parts, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B, H, num_parts, 2, dtype=torch.float32, device=q.device)
+    G = H // Hkv
+    block_d = triton.next_power_of_2(D)
+    _decode_attention_kernel[(B * Hkv, num_parts)](
+        q, k_cache, v_cache, slot_base, kv_len, acc, ml, part_len, scale, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HKV=Hkv, G=G, D=D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
+        DOT_F32=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=4, num_stages=2)
+    _decode_combine_kernel[(B * H,)](acc, ml, out, num_parts, out.stride(0), out.stride(1), H=H, D=D,
+                                     BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_d)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
+                         kv_len: torch.Tensor, scale: float) -> torch.Tensor:
+    B, H = q.shape[:2]
+    Hkv = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        base, n = int(slot_base[b]), int(kv_len[b])
+        k = k_cache[base:base + n].float().repeat_interleave(H // Hkv, dim=1)  # [n, H, D]
+        v = v_cache[base:base + n].float().repeat_interleave(H // Hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, dim=-1)
+        out[b] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
+    return out
