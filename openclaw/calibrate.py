@@ -121,8 +121,8 @@ class StatsTap:
 def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens; accumulate pre-RoPE query stats."""
     cfg = model.config
-    device = model.model.embed_tokens.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
+    norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
+    device, dtype = norm.device, norm.dtype
     stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
     tap = StatsTap(stats, cfg.num_hidden_layers)
     pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)

@@ -35,6 +35,10 @@ KvTokens = Annotated[int | None, typer.Option(
     help="KV pool size in tokens, all sequences together (default: what --vram leaves on a GPU; 32768 on a CPU).")]
 Vram = Annotated[float | None, typer.Option(
     help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
+Quantize = Annotated[str, typer.Option(
+    help="nf4: quantize full-precision weights to NF4 while loading (a GGUF keeps its own blocks); none: as stored "
+         "(GGUF dequantized); auto: nf4 on a GPU for GGUF files, bf16->nf4 models and weights that fit --vram only "
+         "as NF4, none on a CPU.")]
 MaxSeqs = Annotated[int, typer.Option(help="Sequences decoded together at most.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")]
 CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
@@ -60,15 +64,16 @@ app.command()(models)
 ThinkBudget = Annotated[int | None, typer.Option(min=1, help="Close the thinking after N tokens (injects </think>).")]
 
 
-def _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram=None) -> EngineConfig:
+def _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram=None,
+                   quantize=_E.quantize) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, kv_tokens=kv_tokens, max_seqs=max_seqs,
-                        threads=threads, cache_dir=cache_dir, vram=vram)
+                        threads=threads, cache_dir=cache_dir, vram=vram, quantize=quantize)
 
 
 def _load(config: EngineConfig):
     from openclaw.llm import LLM  # torch import deferred so `openclaw --help` and `models` stay instant
 
-    with Progress(console=err, transient=True) as bar:
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:  # piped: no stray blank line
         tasks: dict[str, int] = {}
 
         def progress(what: str, done: int, total: int) -> None:
@@ -99,6 +104,7 @@ def run(
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
+    quantize: Quantize = _E.quantize,
 ):
     """Answer PROMPT_FILE (stdout: the answer only), or every line of --jsonl IN into --out OUT."""
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -106,6 +112,8 @@ def run(
     if jsonl is not None:
         if out_path is None:
             raise OpenClawError("--jsonl needs --out FILE for the answers")
+        if out_path.is_dir() or not out_path.parent.is_dir():  # found now, not after the whole batch has run
+            raise OpenClawError(f"--out {out_path}: {'is a directory' if out_path.is_dir() else 'no such directory'}")
         from openclaw.batch import read_items
 
         items = read_items(jsonl)
@@ -113,7 +121,7 @@ def run(
         raise OpenClawError("give a PROMPT_FILE, or --jsonl IN --out OUT")
     else:
         text = _read_text(prompt_file)
-    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram)
+    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     if jsonl is not None:
@@ -179,13 +187,14 @@ def chat(
     kv_tokens: KvTokens = _E.kv_tokens, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
+    quantize: Quantize = _E.quantize,
 ):
     """Talk with a model in the terminal: streamed answers, thinking shown dimmed, /help lists the commands."""
     from openclaw.chat import Chat
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                             max_tokens=max_tokens)
-    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram)
+    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram, quantize)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     Chat(llm, params, out, err, system=system, think=think, think_budget=think_budget,
@@ -203,13 +212,14 @@ def serve(
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     vram: Vram = None, evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt,
+    quantize: Quantize = _E.quantize,
 ):
     """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded in one batch."""
     from openclaw.openai_api import Api
     from openclaw.server import make_server, serve_until_interrupted
 
     spec = model_arg or model
-    config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram)
+    config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     api = Api(llm, name or (Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name), max_tokens)
@@ -225,16 +235,20 @@ def serve(
 
 @app.command()
 def plan(
-    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name or model directory.")],
+    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name, model directory or .gguf file.")],
     vram: Vram = None,
     kv_budget: Annotated[int | None, typer.Option(help="Eviction budget B: how many sequences of B fit.")] = None,
-    max_seqs: MaxSeqs = _E.max_seqs, cache_dir: CacheDir = DEFAULT_CACHE,
+    max_seqs: MaxSeqs = _E.max_seqs, cache_dir: CacheDir = DEFAULT_CACHE, quantize: Quantize = _E.quantize,
 ):
     """Print the VRAM plan (weights, workspace, KV pool, KV tokens) without loading weights; exit 2 if it won't fit."""
+    from openclaw.config import QUANTIZE
     from openclaw.memory import plan_model
 
+    if quantize not in QUANTIZE:
+        raise OpenClawError(f"--quantize {quantize!r} must be one of {', '.join(QUANTIZE)}")
     p, name, fitting = plan_model(model_arg, cache_dir, vram, kv_budget, max_seqs=max_seqs,
-                         max_batch_tokens=_E.max_batch_tokens, divide_length=_V.divide_length)
+                                  max_batch_tokens=_E.max_batch_tokens, divide_length=_V.divide_length,
+                                  quantize=quantize)
     table = Table("", name, show_header=True)
     for label, value in p.rows():
         table.add_row(label, value)

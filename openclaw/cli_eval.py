@@ -26,21 +26,35 @@ Dtype = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 (fast o
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Stats = Annotated[str | None, typer.Option(help="TriAttention stats file (openclaw calibrate), or auto.")]
 Protect = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
+CALIBRATION_CONTEXT = 4096  # tokens per independent calibration context (the KV pool calibrate allocates)
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")]
 
 
-def _load(model: str, device: str, dtype: str, cache_dir: Path):
+Vram = Annotated[float | None, typer.Option(
+    help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
+Quantize = Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")]
+
+
+def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int):
+    """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
     import torch
 
+    from openclaw.config import QUANTIZE
     from openclaw.engine import pick_device
-    from openclaw.hub import resolve_model
-    from openclaw.loader import load_model, resolve_dtype
+    from openclaw.hub import load_quantize, resolve_model
+    from openclaw.loader import load_planned, resolve_dtype
     from openclaw.tokenizer import Tokenizer
 
-    model_dir = resolve_model(model, cache_dir)
+    if vram is not None and vram <= 0:
+        raise OpenClawError(f"--vram {vram} GiB must be > 0")
+    if quantize not in QUANTIZE:
+        raise OpenClawError(f"--quantize {quantize!r} must be one of {', '.join(QUANTIZE)}")
     dev = pick_device(device)
+    quantize = load_quantize(model, quantize, dev.type == "cuda")
+    model_dir = resolve_model(model, cache_dir, quantized=quantize == "nf4")
     torch.manual_seed(0)
-    return load_model(model_dir, dev, resolve_dtype(dtype, dev)), Tokenizer.from_dir(model_dir), model_dir.name
+    m, _ = load_planned(model_dir, dev, resolve_dtype(dtype, dev), quantize, vram, kv_tokens=kv_tokens)
+    return m, Tokenizer.from_dir(model_dir), model_dir.name
 
 
 def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
@@ -74,18 +88,19 @@ def calibrate(
     text: Annotated[list[Path], typer.Option(help="Calibration text file(s); repeat the option for several.")],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the stats (.pt, reference format).")],
     tokens: Annotated[int, typer.Option(help="Calibration tokens at most (about 32K is enough).")] = 32768,
-    dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE,
+    dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
+    quantize: Quantize = _E.quantize,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
     from openclaw.calibrate import calibrate as run_calibration
     from openclaw.calibrate import concentration, save_stats
 
-    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir)
+    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
     ids = _text_ids(tokenizer, text)[:tokens]
     if len(ids) < 1024:
         raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
     t0 = time.perf_counter()
-    qs = run_calibration(model, ids)
+    qs = run_calibration(model, ids, CALIBRATION_CONTEXT)
     stats = qs.tri_stats(model.rope.inv_freq)
     save_stats(out_path, stats, name, model.config.num_key_value_heads, qs.tokens)
     report = concentration(stats)
@@ -95,6 +110,11 @@ def calibrate(
     out.print(table)
     err.print(f"[dim]{qs.tokens} tokens in {time.perf_counter() - t0:.0f}s; {report.overall_share:.0%} of heads "
               f"concentrated; wrote {out_path}[/dim]")
+
+
+# the evals compare policies at budgets down to 128: the serving default window (128 recent tokens) would leave them
+# nothing to choose (docs/triattention.md)
+EVAL_PROTECT_RECENT = 8
 
 
 @eval_app.command()
@@ -107,11 +127,11 @@ def fidelity(
     window_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     score_from: Annotated[int | None, typer.Option(help="First scored position (default: largest budget + "
                                                          "divide_length, where every budget has evicted).")] = None,
-    protect_recent: Protect = _V.protect_recent,
+    protect_recent: Protect = EVAL_PROTECT_RECENT,
     ablations: Annotated[bool, typer.Option(help="Add TriAttention trig-only and norm-only.")] = False,
     online: Annotated[bool, typer.Option(help="Add TriAttention with online statistics (--stats auto).")] = False,
     json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
-    cache_dir: CacheDir = DEFAULT_CACHE,
+    cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
 ):
     """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
     from openclaw.fidelity import evaluate, standard_runs, text_windows
@@ -122,7 +142,7 @@ def fidelity(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base, ablations, online)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, window_len)
     ids = _text_ids(tokenizer, [text])
     try:
         wins = text_windows(ids, windows, window_len)
@@ -152,8 +172,9 @@ def needle(
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
     stats: Stats = None, cases: Annotated[int, typer.Option(help="Haystacks (names, codes, filler offsets).")] = 8,
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
-    protect_recent: Protect = _V.protect_recent, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
-    device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE,
+    protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
+    device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
+    quantize: Quantize = _E.quantize,
 ):
     """Plant a fact early, ask for it DORMANCY tokens later: exact match and answer log-prob, with controls."""
     from openclaw.fidelity import standard_runs
@@ -163,7 +184,7 @@ def needle(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
     with err.status("") as status:

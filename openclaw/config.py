@@ -42,6 +42,7 @@ class SamplingParams:
             f"repetition_penalty {self.repetition_penalty} must be > 0 (1 disables it)",
         )
         _check(self.max_tokens >= 1, f"max_tokens {self.max_tokens} must be >= 1")
+        _check(self.seed is None or 0 <= self.seed < 2**63, f"seed {self.seed} must be in [0, 2**63)")
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
         """Fill the None fields from a generation_config-style dict (do_sample False means greedy)."""
@@ -58,6 +59,7 @@ class SamplingParams:
         return self.temperature is not None and self.temperature == 0
 
 
+QUANTIZE = ("auto", "none", "nf4")  # what --quantize accepts; see EngineConfig.quantize
 POLICIES = ("full", "streaming", "snapkv", "rkv", "h2o", "triattention")
 TRI_TERMS = ("both", "trig", "norm")
 
@@ -111,6 +113,10 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float16 on cpu; "float32" for exact reference runs
     kv_tokens: int | None = None  # KV pool size in tokens, all sequences; None = what the VRAM plan leaves (GPU), 32768 (CPU)
     vram: float | None = None  # GiB this process may use on the GPU (a hard cap); None = the card's total; CPU: unused
+    # nf4: full-precision linear layers quantized to NF4 while loading, GGUF files kept in their own blocks; none:
+    # weights as stored (GGUF blocks dequantized); auto: nf4 on a GPU for GGUF files, manifest models marked
+    # bf16->nf4, and checkpoints whose weights fit --vram only as NF4; none on a CPU (full precision decodes faster)
+    quantize: str = "auto"
     cuda_graphs: bool = True  # replay batch-1 decode steps from captured CUDA graphs (GPU only)
     max_seqs: int = 16  # sequences decoded together at most
     max_model_len: int | None = None  # per-sequence length cap; None = the model's context length
@@ -126,6 +132,7 @@ class EngineConfig:
                f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
         _check(self.kv_tokens is None or self.kv_tokens >= 16, f"kv_tokens {self.kv_tokens} must be >= 16")
         _check(self.vram is None or self.vram > 0, f"vram {self.vram} GiB must be > 0")
+        _check(self.quantize in QUANTIZE, f"quantize {self.quantize!r} must be one of {', '.join(QUANTIZE)}")
         _check(self.max_seqs >= 1, f"max_seqs {self.max_seqs} must be >= 1")
         _check(self.max_batch_tokens >= 16, f"max_batch_tokens {self.max_batch_tokens} must be >= 16")
         _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")

@@ -13,8 +13,7 @@ from openclaw.compressor import Compressor
 from openclaw.config import EngineConfig, SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.kv_pool import KVPool
-from openclaw.loader import generation_defaults, load_model, resolve_dtype
-from openclaw.memory import cap_allocator, gpu_plan
+from openclaw.loader import generation_defaults, load_planned, resolve_dtype
 from openclaw.runner import Runner
 from openclaw.sampler import sample
 from openclaw.scheduler import Scheduler
@@ -57,16 +56,11 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = pick_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.plan = None  # the VRAM plan (openclaw.memory); the CPU has none
-        if self.device.type == "cuda":
-            ev = config.evict
-            self.plan = gpu_plan(model_dir, Path(model_dir).name, self.device, self.dtype, config.vram,
-                                 config.max_batch_tokens, config.max_seqs, ev.budget if ev.evicts else None,
-                                 ev.divide_length, config.kv_tokens)
-            cap_allocator(self.plan, self.device)
-        self.model = load_model(model_dir, self.device, self.dtype)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand back conversion temporaries' segments before the pool takes the rest
+        ev = config.evict
+        # self.plan: the VRAM plan (openclaw.memory); the CPU has none
+        self.model, self.plan = load_planned(model_dir, self.device, self.dtype, config.quantize, config.vram,
+                                             config.max_batch_tokens, config.max_seqs,
+                                             ev.budget if ev.evicts else None, ev.divide_length, config.kv_tokens)
         mc = self.model.config
         self.generation_config = generation_defaults(model_dir)
         self.sampling_defaults = sampling_defaults(self.generation_config)

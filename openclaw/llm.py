@@ -8,11 +8,11 @@ LLM.generate run a fixed list. It does not print; callers decide how text reache
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from openclaw.config import EngineConfig, SamplingParams
-from openclaw.engine import Engine
-from openclaw.hub import resolve_model
+from openclaw.engine import Engine, pick_device
+from openclaw.hub import load_quantize, resolve_model
 from openclaw.reasoning import THINK_CLOSE, ThinkSplitter, prompt_opens_thinking
 from openclaw.sequence import Sequence
 from openclaw.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
@@ -49,8 +49,12 @@ class Completion:
 
 class LLM:
     def __init__(self, config: EngineConfig, progress: Callable[[str, int, int], None] | None = None):
+        # --quantize auto made concrete for this model and device: a GGUF file on a GPU stays in its blocks
+        config = replace(config, quantize=load_quantize(config.model, config.quantize,
+                                                        pick_device(config.device).type == "cuda"))
         self.config = config
-        self.model_dir = resolve_model(config.model, config.cache_dir, progress=progress)
+        self.model_dir = resolve_model(config.model, config.cache_dir, progress=progress,
+                                       quantized=config.quantize == "nf4")
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids)
 

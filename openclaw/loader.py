@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight, concat_rows, quantize_rtn
-from openclaw.memory import rtn_group
 from openclaw.models import qwen3
 from openclaw.models.layers import QuantEmbedding, QuantLinear
+from openclaw.weight_size import rtn_group
 
 # config.json model_type -> the family file that defines it
 FAMILIES = {arch: qwen3 for arch in qwen3.ARCHITECTURES}
@@ -216,6 +216,25 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
         raise OpenClawError(f"{model_dir}: {len(missing)} weights missing from the checkpoint "
                             f"(first: {missing[0]}); the download may be incomplete")
     return model.eval()
+
+
+def load_planned(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none",
+                 vram: float | None = None, max_batch_tokens: int = 512, max_seqs: int = 1, kv_budget: int | None = None,
+                 divide_length: int = 128, kv_tokens: int | None = None) -> tuple[torch.nn.Module, object]:
+    """(model, VRAM plan or None on the CPU): load_model under the plan of openclaw.memory. On CUDA the plan comes
+    first (refusing, before anything is loaded, what does not fit --vram; choosing NF4 for a full-precision checkpoint
+    when quantize is auto and only NF4 fits) and caps the allocator; on the CPU quantize nf4 alone quantizes."""
+    from openclaw.memory import cap_allocator, gpu_plan
+
+    plan, nf4 = None, quantize == "nf4"
+    if device.type == "cuda":
+        plan, nf4 = gpu_plan(model_dir, Path(model_dir).name, device, dtype, vram, max_batch_tokens, max_seqs,
+                             kv_budget, divide_length, kv_tokens, quantize)
+        cap_allocator(plan, device)
+    model = load_model(model_dir, device, dtype, nf4=nf4)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back conversion temporaries' segments before the pool takes the rest
+    return model, plan
 
 
 def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | None, module: torch.nn.Module,

@@ -1,131 +1,24 @@
 """The VRAM plan of DESIGN.md ("Memory: the hard cap"): weights + CUDA context + workspace + prefill activations +
 KV pool = the cap, so the pool's size in tokens, and how many sequences of an eviction budget fit, follow.
 
-Computed before anything is loaded, from config.json (or a manifest entry's config) and the target weight format;
-for our own quantized layout the per-tensor layouts are read from the safetensors headers. It allocates nothing;
-the engine refuses a plan that does not fit (Plan.require) and caps PyTorch's allocator with it (cap_allocator).
+Computed before anything is loaded, from config.json (or a manifest entry's config) and openclaw.weight_size's
+weight bytes; it also decides what --quantize auto loads (NF4 only when full precision does not fit). It allocates
+nothing; the engine refuses a plan that does not fit (Plan.require) and caps PyTorch's allocator (cap_allocator).
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
+from openclaw.weight_size import FORMAT_LAYOUTS, NF4, checkpoint_weight_bytes, quantized_weight_bytes, weight_bytes
 
 GIB = 1 << 30
 MIB = 1 << 20
 CONTEXT_ESTIMATE = 600 * MIB  # CUDA context when it cannot be measured (planning on a machine without the GPU)
 WORKSPACE = 512 * MIB  # cuBLAS / Triton workspaces, autotuning (do_bench's 256 MiB buffer), CUDA graphs, slack
 DEQUANT_WORKSPACE = 64 * MIB  # = kernels.qlinear.DEQUANT_CHUNK_BYTES (prefill dequantizes this much at a time)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one quantized weight is stored (kernels/qlinear.py): bits per code, group, offsets, a 16-entry lut."""
-
-    bits: int
-    group: int
-    offsets: bool
-    lut: bool
-
-    def nbytes(self, n: int, k: int) -> int:
-        groups = n * (k // self.group)
-        return n * k * self.bits // 8 + groups * 2 * (1 + self.offsets) + 64 * self.lut
-
-
-def rtn_group(k: int) -> int:
-    """The group of weights the loader quantizes itself (8-bit embeddings / lm_head): 128, or the largest power of
-    two from 64 down to 16 that divides K, else K."""
-    return next((g for g in (128, 64, 32, 16) if k % g == 0), k)
-
-
-def eight_bit(k: int) -> Layout:
-    """Embeddings, lm_head and anything a quantized checkpoint leaves in full precision."""
-    return Layout(8, rtn_group(k), True, False)
-
-
-# manifest formats whose linear layers load quantized, and their layout (others load in the model dtype)
-FORMAT_LAYOUTS = {"awq-int4": Layout(4, 128, True, False), "bnb-nf4": Layout(4, 64, False, True),
-                  "bf16->nf4": Layout(4, 64, False, True)}
-
-
-def config_layout(raw: dict) -> Layout | None:
-    """The layout of a checkpoint's linear layers from config.json's quantization_config (None: unquantized)."""
-    qc = raw.get("quantization_config")
-    if not qc:
-        return None
-    method = str(qc.get("quant_method", "?")).lower()
-    if method == "bitsandbytes":
-        return Layout(4, int(qc.get("bnb_4bit_blocksize", 64)), False, qc.get("bnb_4bit_quant_type", "nf4") == "nf4")
-    return Layout(int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128))),
-                  bool(qc.get("zero_point", True)), False)
-
-
-def _linear_shapes(cfg: dict) -> list[tuple[int, int, bool]]:
-    """(N, K, has bias) of every checkpoint linear weight of the dense family, all layers."""
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    hkv = cfg.get("num_key_value_heads") or heads
-    d = cfg.get("head_dim") or h // heads
-    qkv_bias = cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias"))
-    o_bias = cfg.get("model_type") != "qwen2" and bool(cfg.get("attention_bias"))
-    layer = [(heads * d, h, qkv_bias), (hkv * d, h, qkv_bias), (hkv * d, h, qkv_bias), (h, heads * d, o_bias),
-             (inter, h, False), (inter, h, False), (h, inter, False)]
-    return layer * cfg["num_hidden_layers"]
-
-
-def weight_bytes(cfg: dict, dtype_bytes: int, layout: Layout | None) -> int:
-    """Bytes the loader allocates for the weights: linear layers in `layout` (or the dtype), embeddings and lm_head
-    8-bit when quantized (a tied lm_head shares the embedding), norms and biases in the dtype."""
-    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    d = cfg.get("head_dim") or h // heads
-    norms = cfg["num_hidden_layers"] * (2 * h + (2 * d if cfg.get("model_type") == "qwen3" else 0)) + h
-    total = norms * dtype_bytes
-    for n, k, bias in _linear_shapes(cfg):
-        total += (layout.nbytes(n, k) if layout else n * k * dtype_bytes) + bias * n * dtype_bytes
-    tables = 1 if cfg.get("tie_word_embeddings") else 2
-    return total + tables * (eight_bit(h).nbytes(vocab, h) if layout else vocab * h * dtype_bytes)
-
-
-def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
-    """weight_bytes for a local checkpoint; exact per tensor for our own layout (quant_method "openclaw"), whose
-    safetensors headers record each weight's bits and group."""
-    model_dir = Path(model_dir)
-    raw = json.loads((model_dir / "config.json").read_text())
-    if str((raw.get("quantization_config") or {}).get("quant_method")) != "openclaw":
-        return weight_bytes(raw, dtype_bytes, config_layout(raw))
-    from safetensors import safe_open
-
-    from openclaw.loader import shard_files
-
-    total, tied = 0, bool(raw.get("tie_word_embeddings"))
-    for path in shard_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            layouts = json.loads((f.metadata() or {}).get("openclaw.quant", "{}"))
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                base, _, part = name.rpartition(".")
-                if f"{base}#parts" in layouts:
-                    if part == "qweight":
-                        bits, group, n, k = layouts[base]
-                        parts = layouts[f"{base}#parts"]
-                        total += Layout(bits, group, "offsets" in parts, "lut" in parts).nbytes(n, k)
-                    continue
-                if tied and name == "lm_head.weight":
-                    continue
-                shape = f.get_slice(name).get_shape()
-                if name.endswith(("embed_tokens.weight", "lm_head.weight", "proj.weight")):
-                    total += eight_bit(shape[1]).nbytes(*shape)
-                else:
-                    total += dtype_bytes * _numel(shape)
-    return total
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
@@ -162,6 +55,8 @@ class Plan:
     kv_bytes_per_token: int
     kv_budget: int | None = None  # the eviction budget B each sequence keeps
     divide_length: int = 128
+    weight_format: str = ""  # how the weights are held, for the printed plan
+    hint: str = ""  # appended to the refusal: what another --quantize (or another file) would change
 
     @property
     def kv_pool(self) -> int:
@@ -186,6 +81,7 @@ class Plan:
 
         rows = [("cap (--vram)", gib(self.cap)), ("CUDA context", gib(self.context)),
                 ("workspace", gib(self.workspace)), ("weights", f"{gib(self.weights)} ({self.weights:,} bytes)"),
+                *([("weight format", self.weight_format)] if self.weight_format else []),
                 ("activations (largest prefill chunk)", gib(self.activations)), ("KV pool", gib(self.kv_pool)),
                 ("KV per token", f"{self.kv_bytes_per_token / 1024:.0f} KiB"), ("KV tokens", f"{self.kv_tokens:,}")]
         if self.kv_budget is not None:
@@ -196,9 +92,9 @@ class Plan:
         """Raise OpenClawError, with the numbers and what would fit, when the plan leaves no room for the pool
         (kv_tokens: what the user asked for; else one sequence of the budget, else 1024 tokens). smaller: models
         that would fit."""
-        need = kv_tokens or self.slots_per_seq or 1024
-        if self.kv_tokens >= need:
+        if self.fits(kv_tokens):
             return
+        need = self.need(kv_tokens)
         fixed = self.context + self.workspace + self.activations
         lacking = need * self.kv_bytes_per_token - self.kv_pool
         msg = (f"{name} does not fit in {self.cap / GIB:.1f} GiB: weights {self.weights / GIB:.2f} GiB + context, "
@@ -209,7 +105,14 @@ class Plan:
         if self.kv_budget is not None and self.kv_tokens > self.divide_length + 256:
             msg += f", or a --kv-budget of at most {self.kv_tokens - self.divide_length}"
         fits = f"; models that fit: {', '.join(smaller)}" if smaller else "; `openclaw models` lists smaller models"
-        raise OpenClawError(msg + fits)
+        raise OpenClawError(msg + self.hint + fits)
+
+    def need(self, kv_tokens: int | None = None) -> int:
+        """KV tokens the pool must hold: what the user asked for, else one sequence of the budget, else 1024."""
+        return kv_tokens or self.slots_per_seq or 1024
+
+    def fits(self, kv_tokens: int | None = None) -> bool:
+        return self.kv_tokens >= self.need(kv_tokens)
 
 
 def plan(cfg: dict, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dtype_bytes: int = 2,
@@ -238,17 +141,54 @@ def loaded_bytes(model) -> int:
     return total
 
 
-def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_batch_tokens: int, max_seqs: int,
-             kv_budget: int | None, divide_length: int, kv_tokens: int | None) -> Plan:
-    """The plan on this CUDA device, with the context measured (whatever is on the card before our first
-    allocation); refuses (OpenClawError) what does not fit, before anything is loaded."""
+GGUF_HINT = ("; GGUF Q5_0/Q6_K/Q8_0 tensors, and q/k/v or gate/up fused with one, keep 8-bit codes here (Q6_K: 10 bits "
+             "per weight, Q4_K: 5), so a Q4_K_M file is larger than on disk: the AWQ checkpoint or a Q4_0 file is "
+             "smaller")
 
+
+def weight_plan(raw: dict, weights_at: Callable[[bool], int], make: Callable[[int], Plan], quantize: str,
+                kv_tokens: int | None = None) -> tuple[Plan, bool]:
+    """(the plan to load with, whether to quantize to NF4 while loading) for --quantize auto / none / nf4 (see
+    EngineConfig.quantize). weights_at(nf4) gives the weight bytes, make(weights) the plan. Only a full-precision
+    checkpoint is quantized at load: with auto when its weights fit only as NF4, as vLLM's users ask for with
+    --quantization bitsandbytes and llama.cpp's never need to. A refused plan's hint names the alternative."""
+    qc = raw.get("quantization_config") or {}
+    if qc:
+        p = make(weights_at(False))
+        method = str(qc.get("quant_method", "?")).lower()
+        p.weight_format = f"{method}, as stored" + (" (GGUF blocks repacked)" if method == "gguf" else "")
+        p.hint = GGUF_HINT if method == "gguf" else ""
+        return p, False
+    full = make(weights_at(False))
+    full.weight_format = "full precision, in the model dtype"
+    if quantize == "none" or (quantize == "auto" and full.fits(kv_tokens)):
+        if not full.fits(kv_tokens):
+            full.hint = f"; --quantize nf4 would hold the weights in {weights_at(True) / GIB:.2f} GiB"
+        return full, False
+    q = make(weights_at(True))
+    q.weight_format = "NF4, quantized while loading (group 64)"
+    if quantize == "auto":
+        q.weight_format += f"; in full precision they would take {full.weights / GIB:.2f} GiB, which does not fit"
+        q.hint = f" (even quantized to NF4 at load; in full precision they take {full.weights / GIB:.2f} GiB)"
+    return q, True
+
+
+def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_batch_tokens: int, max_seqs: int,
+             kv_budget: int | None, divide_length: int, kv_tokens: int | None,
+             quantize: str = "auto") -> tuple[Plan, bool]:
+    """(the plan on this CUDA device, whether to quantize to NF4 while loading), with the context measured
+    (whatever is on the card before our first allocation); refuses (OpenClawError) what does not fit, before
+    anything is loaded."""
     cap, context = _card(device, vram)
-    p = plan(json.loads((Path(model_dir) / "config.json").read_text()),
-             checkpoint_weight_bytes(model_dir, dtype.itemsize), cap, context, dtype.itemsize, max_batch_tokens,
-             max_seqs, kv_budget, divide_length)
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+
+    def make(weights: int) -> Plan:
+        return plan(raw, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length)
+
+    p, nf4 = weight_plan(raw, lambda q: checkpoint_weight_bytes(model_dir, dtype.itemsize, q), make, quantize,
+                         kv_tokens)
     p.require(name, kv_tokens)
-    return p
+    return p, nf4
 
 
 def _card(device, vram: float | None) -> tuple[int, int]:
@@ -278,16 +218,20 @@ def cap_allocator(p: Plan, device) -> None:
 
 
 def plan_model(spec: str, cache_dir: Path, vram: float | None, kv_budget: int | None, max_seqs: int = 16,
-               max_batch_tokens: int = 512, divide_length: int = 128) -> tuple[Plan, str, list[str]]:
-    """(plan, model name, the manifest models that would fit) for `openclaw plan`: a manifest name (its local checkpoint when pulled, else the
-    manifest's config and format) or a model directory, planned in bf16 against --vram (default: this GPU's
-    total). Nothing is downloaded or loaded."""
+               max_batch_tokens: int = 512, divide_length: int = 128,
+               quantize: str = "auto") -> tuple[Plan, str, list[str]]:
+    """(plan, model name, the manifest models that would fit) for `openclaw plan`: a manifest name (its local
+    checkpoint when pulled, else the manifest's config and format), a model directory or a .gguf file (from its
+    header), planned in bf16 against --vram (default: this GPU's total) as the engine would load it on a GPU.
+    Nothing is downloaded or loaded."""
     import torch
 
-    from openclaw.hub import hub_dir, load_manifest
+    from openclaw.hub import hub_dir, load_manifest, load_quantize, manifest_entry
 
-    entry = {n.lower(): e for n, e in load_manifest().items()}.get(spec.lower())
+    manifest = load_manifest()
+    entry = manifest_entry(spec, manifest)
     local = Path(spec).expanduser() if entry is None else hub_dir(Path(cache_dir).expanduser(), entry.hub_repo or "-")
+    quantize = load_quantize(spec, quantize, True, manifest)
     context = CONTEXT_ESTIMATE
     if torch.cuda.is_available():
         cap, context = _card(torch.device("cuda"), vram)
@@ -295,20 +239,40 @@ def plan_model(spec: str, cache_dir: Path, vram: float | None, kv_budget: int | 
         raise OpenClawError("no GPU here to take the default from: give --vram GIB")
     else:
         cap = int(vram * GIB)
-    if (local / "config.json").is_file():
-        cfg = json.loads((local / "config.json").read_text())
-        weights = checkpoint_weight_bytes(local, 2)
-    elif entry is not None:
-        cfg = {"model_type": entry.architecture, **entry.config}
-        weights = weight_bytes(cfg, 2, FORMAT_LAYOUTS.get(entry.format))
-    else:
-        raise OpenClawError(f"{spec} is neither a manifest name (`openclaw models`) nor a model directory")
-    p = plan(cfg, weights, cap, context, 2, max_batch_tokens, max_seqs, kv_budget, divide_length)
+    cfg, weights_at = _plan_source(spec, local, entry, quantize)
+
+    def make(weights: int) -> Plan:
+        return plan(cfg, weights, cap, context, 2, max_batch_tokens, max_seqs, kv_budget, divide_length)
+
+    p, _ = weight_plan(cfg, weights_at, make, quantize)
     fitting = []
-    for e in load_manifest().values():
+    for e in manifest.values():
         ecfg = {"model_type": e.architecture, **e.config}
         ep = plan(ecfg, weight_bytes(ecfg, 2, FORMAT_LAYOUTS.get(e.format)), cap, context, 2, max_batch_tokens,
                   max_seqs, kv_budget, divide_length)
-        if e.supported and ep.kv_tokens >= (ep.slots_per_seq or 1024):
+        if e.supported and ep.fits():
             fitting.append(e.name)
     return p, entry.name if entry is not None else local.name, fitting
+
+
+def _plan_source(spec: str, local: Path, entry, quantize: str) -> tuple[dict, Callable[[bool], int]]:
+    """(config, weight bytes given nf4) of what plan_model plans: a .gguf file (its blocks kept unless quantize is
+    none), a model directory, or a manifest entry not pulled yet (its config and format)."""
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        from openclaw.quant_gguf import gguf_tensor_layouts
+
+        cfg, tensors = gguf_tensor_layouts(local)
+        if quantize == "none":  # dequantized at import: a full-precision checkpoint
+            return cfg, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else None)
+        cfg["quantization_config"] = {"quant_method": "gguf"}
+        return cfg, lambda _: quantized_weight_bytes(tensors, 2, cfg["tie_word_embeddings"])
+    if (local / "config.json").is_file():
+        return json.loads((local / "config.json").read_text()), lambda nf4: checkpoint_weight_bytes(local, 2, nf4)
+    if entry is None:
+        raise OpenClawError(f"{spec} is neither a manifest name (`openclaw models`), a model directory nor a .gguf file")
+    cfg = {"model_type": entry.architecture, **entry.config}
+    stored = None
+    if not entry.format.startswith("bf16"):  # pre-quantized: loads as stored
+        cfg["quantization_config"] = {"quant_method": entry.format}
+        stored = FORMAT_LAYOUTS.get(entry.format)
+    return cfg, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else stored)

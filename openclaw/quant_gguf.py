@@ -16,6 +16,7 @@ import torch
 from openclaw.errors import OpenClawError
 from openclaw.gguf_import import ARCHITECTURES, _config, _field, _open, _tensor_plan, _unpermute
 from openclaw.kernels.qlinear import QuantWeight
+from openclaw.weight_size import Layout
 
 Q = gguf.GGMLQuantizationType
 # GGUF type -> (bits of our container, group)
@@ -45,6 +46,27 @@ def iter_gguf(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[
                 yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"])).to(device)
         except (ValueError, IndexError) as e:  # numpy reshapes of a tensor whose bytes disagree with its shape
             raise OpenClawError(f"{path}: tensor {t.name} is corrupt ({e}); re-download the file") from e
+
+
+def gguf_tensor_layouts(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], Layout | None]]]:
+    """(the HF config, every tensor as (HF name, shape, our Layout or None when it loads in full precision)) of a
+    GGUF file, from its header alone: what the memory planner needs to count the bytes iter_gguf will produce."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenClawError(f"GGUF file {path} does not exist")
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}.")
+    config = _config(reader, arch, path)
+    tensors = []
+    for t, name, _ in _tensor_plan(reader, arch, path, config):
+        shape = tuple(int(d) for d in reversed(t.shape))
+        layout = None
+        if len(shape) == 2 and t.tensor_type in REPACKED:
+            layout = Layout(*REPACKED[t.tensor_type], offsets=True, lut=False)  # every unpacker returns offsets
+        tensors.append((name, shape, layout))
+    return config, tensors
 
 
 def _permute_rows(qw: QuantWeight, rows: np.ndarray) -> QuantWeight:

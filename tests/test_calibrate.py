@@ -4,7 +4,8 @@ import pickle
 
 import pytest
 import torch
-from tiny_models import make_hf_model
+from safetensors.torch import save_file
+from tiny_models import make_hf_model, quantized_copy
 
 from openclaw.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
@@ -38,6 +39,30 @@ def test_tap_sees_the_queries_after_q_norm(tmp_path):
     torch.testing.assert_close(stats.re[1].float(), want[..., :half].sum(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(stats.im[1].float(), want[..., half:].sum(0), rtol=1e-4, atol=1e-4)
     assert stats.tokens == len(ids)
+
+
+def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
+    """A quantized model (QuantEmbedding has no .weight) calibrates, and teacher-forces for `openclaw eval`, like the
+    full-precision model holding its dequantized weights."""
+    from openclaw.fidelity import forced_logprobs
+
+    make_hf_model("qwen3", tmp_path / "hf")
+    ref_sd = quantized_copy(tmp_path / "hf", tmp_path / "q", mixed=True)
+    (tmp_path / "ref").mkdir()
+    save_file(ref_sd, str(tmp_path / "ref" / "model.safetensors"))
+    (tmp_path / "ref" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    quantized = load_model(tmp_path / "q", torch.device("cpu"), torch.float32)
+    reference = load_model(tmp_path / "ref", torch.device("cpu"), torch.float32)
+    assert quantized.quantized and not hasattr(quantized.model.embed_tokens, "weight")
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    got, want = calibrate(quantized, ids, context=128, chunk=64), calibrate(reference, ids, context=128, chunk=64)
+    assert got.tokens == want.tokens == len(ids)
+    for a, b in ((got.re, want.re), (got.im, want.im), (got.abs, want.abs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    evict = EvictionConfig(policy="streaming", budget=64, protect_recent=8)
+    (lp, n), (lp_ref, n_ref) = forced_logprobs(quantized, ids, evict), forced_logprobs(reference, ids, evict)
+    assert n == n_ref > 0
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_stats_file_round_trips(tmp_path):

@@ -116,3 +116,67 @@ def test_run_answers_on_stdout_only(prompt, tmp_path, smol_dir):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "tok/s" in r.stderr and "tok/s" not in r.stdout
+
+
+@pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("calibrate",), ("eval", "fidelity"),
+                                     ("eval", "needle")])
+def test_every_command_that_loads_a_model_takes_vram_and_quantize(command):
+    import typer
+
+    from openclaw.cli import app
+
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    options = {opt for param in cmd.params for opt in param.opts}
+    assert {"--vram", "--quantize"} <= options
+
+
+def test_bad_quantize_and_vram_values(prompt, tmp_path):
+    assert_one_line_error(openclaw("run", prompt, "--quantize", "int3", cache=tmp_path), "int3", "auto, none, nf4")
+    assert_one_line_error(openclaw("plan", "Qwen3-32B", "--vram", "24", "--quantize", "int3", cache=tmp_path), "int3")
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    assert_one_line_error(openclaw("eval", "fidelity", "--text", text, "--stats", "auto", "--protect-recent", "8",
+                                   "--vram", "0", cache=tmp_path), "--vram 0")
+
+
+@pytest.mark.parametrize("args", [(), ("--quantize", "nf4")])
+def test_corrupt_gguf(prompt, tmp_path, args):
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    assert_one_line_error(openclaw("run", prompt, "--model", path, *args, cache=tmp_path), "corrupt.gguf",
+                          "not a readable GGUF file")
+    assert_one_line_error(openclaw("plan", path, "--vram", "8", *args, cache=tmp_path), "not a readable GGUF file")
+
+
+def test_corrupt_gguf_tensor_bytes(prompt, tmp_path):
+    """A readable header whose Q4_K tensor holds too few bytes: refused when the blocks are read, still one line."""
+    gguf = pytest.importorskip("gguf")
+    from test_quant_gguf import write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3")
+    reader = gguf.GGUFReader(tmp_path / "tiny.gguf")
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    data = bytearray((tmp_path / "tiny.gguf").read_bytes())
+    (tmp_path / "bad.gguf").write_bytes(bytes(data[:t.data_offset + 100]))
+    assert_one_line_error(openclaw("run", prompt, "--model", tmp_path / "bad.gguf", "--quantize", "nf4",
+                                   cache=tmp_path), "bad.gguf")
+
+
+@pytest.mark.slow
+def test_shapes_that_disagree_with_config(prompt, tmp_path, smol_dir):
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "config.json implies",
+                          "the config and the weights disagree")
+
+
+@pytest.mark.slow
+def test_unknown_quantization_config(prompt, tmp_path, smol_dir):
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "hqq"}}))
+    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "'hqq' is not supported")
+    assert_one_line_error(openclaw("plan", model, "--vram", "8", cache=tmp_path), "'hqq' is not supported")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from openclaw.errors import OpenClawError
-from openclaw.hub import fetch_pypi_file, list_models, load_manifest, resolve_model
+from openclaw.hub import fetch_pypi_file, list_models, load_manifest, load_quantize, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
@@ -115,6 +115,23 @@ def test_directory_paths(tmp_path):
         resolve_model(str(model), tmp_path)
     (model / "config.json").write_text("{}")
     assert resolve_model(str(model), tmp_path) == model.resolve()
+
+
+@pytest.mark.parametrize("spec,cuda,want", [
+    ("m.gguf", True, "nf4"), ("M.GGUF", True, "nf4"), ("m.gguf", False, "none"), (None, True, "nf4"),  # SmolLM2 GGUF
+    ("Qwen3-8B", True, "nf4"), ("Qwen3-32B", True, "auto"), ("Qwen3-0.6B", True, "auto"), ("./dir", True, "auto"),
+    ("Qwen3-8B", False, "none")])
+def test_what_quantize_auto_means(spec, cuda, want):
+    """On a GPU a GGUF keeps its blocks and bf16->nf4 manifest models quantize; the rest is left to the VRAM plan."""
+    assert load_quantize(spec, "auto", cuda) == want
+    assert load_quantize(spec, "none", cuda) == "none" and load_quantize(spec, "nf4", cuda) == "nf4"
+
+
+def test_gguf_resolves_to_its_quantized_import_when_asked(smollm2_gguf, tmp_path):
+    q = resolve_model(str(smollm2_gguf), tmp_path, quantized=True)
+    assert (q / "model.gguf").is_symlink() and not list(q.glob("*.safetensors"))
+    assert json.loads((q / "config.json").read_text())["quantization_config"]["quant_method"] == "gguf"
+    assert (q / "tokenizer.json").is_file()
 
 
 def test_bad_paths(tmp_path):

@@ -15,8 +15,10 @@ from tiny_models import full_forward
 from openclaw.errors import OpenClawError
 from openclaw.gguf_import import import_gguf
 from openclaw.loader import load_model
+from openclaw.memory import loaded_bytes, plan_model
 from openclaw.quant_formats import iter_quantized
 from openclaw.quant_gguf import REPACKED, gguf_to_quant, iter_gguf
+from openclaw.weight_size import Layout, checkpoint_weight_bytes, quantized_weight_bytes
 
 Q = gguf.GGMLQuantizationType
 H, HEADS, KV, D, INTER, LAYERS = 256, 4, 2, 64, 512, 2  # K-quant rows need K a multiple of 256
@@ -186,3 +188,89 @@ def test_smollm2_loads_quantized_like_its_float32_import(smollm2_gguf, smol_mode
     logits, ref_logits = full_forward(ours, ids), full_forward(reference, ids)
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_planned_bytes_of_a_mixed_type_gguf_equal_what_the_loader_allocates(tmp_path, arch):
+    """From the header alone: Q4_K/Q6_K/Q4_0 q/k/v and Q4_1/Q5_0 gate/up widened as concat_rows widens them."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", arch)
+    q_dir = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache", quantized=True)
+    model = load_model(q_dir, torch.device("cpu"), torch.bfloat16)
+    assert checkpoint_weight_bytes(q_dir, 2) == loaded_bytes(model)
+
+
+Q4K, Q6K = Layout(4, 32, True, False), Layout(8, 16, True, False)  # what REPACKED makes of Q4_K and Q6_K
+
+
+def q4_k_m_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...], Layout | None]]:
+    """A Q4_K_M file's tensors as gguf_tensor_layouts lists them: llama.cpp's use_more_bits rule puts attn_v and
+    ffn_down in Q6_K for layers i < n/8, i >= 7n/8 and (i - n/8) % 3 == 2; token_embd Q4_K, output Q6_K."""
+    n, h, inter, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    out = [("model.embed_tokens.weight", (v, h), Q4K), ("lm_head.weight", (v, h), Q6K), ("model.norm.weight", (h,), None)]
+    for i in range(n):
+        more = Q6K if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2 else Q4K
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (q, h), Q4K), (p + "self_attn.k_proj.weight", (kv, h), Q4K),
+                (p + "self_attn.v_proj.weight", (kv, h), more), (p + "self_attn.o_proj.weight", (h, q), Q4K),
+                (p + "mlp.gate_proj.weight", (inter, h), Q4K), (p + "mlp.up_proj.weight", (inter, h), Q4K),
+                (p + "mlp.down_proj.weight", (h, inter), more)]
+        out += [(p + f"{m}.weight", (d,), None) for m, d in [("input_layernorm", h), ("post_attention_layernorm", h),
+                                                            ("self_attn.q_norm", 128), ("self_attn.k_norm", 128)]]
+    return out
+
+
+QWEN3_32B = {"model_type": "qwen3", "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+             "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+             "max_position_embeddings": 40960, "tie_word_embeddings": False}
+
+
+def test_qwen3_32b_q4_k_m_weight_bytes_by_hand():
+    """Q4_K: 4-bit codes + fp16 scale + fp16 offset per 32 = 5 bits per weight; Q6_K: 8-bit codes + both per 16 = 10;
+    the 32 layers whose v_proj is Q6_K hold all of q/k/v at 10 (concat_rows widens the fused qkv)."""
+    tensors = q4_k_m_tensors(QWEN3_32B)
+    h, inter, v = 5120, 25600, 151936
+    six = sum(i < 8 or i >= 56 or (i - 8) % 3 == 2 for i in range(64))
+    assert six == 32
+    qkv, o, mlp = (8192 + 2 * 1024) * h, h * 8192, h * inter
+    bits = (v * h * 5 + v * h * 10 + six * (qkv * 10 + o * 5 + 2 * mlp * 5 + mlp * 10)
+            + (64 - six) * (qkv * 5 + o * 5 + 3 * mlp * 5))
+    norms = 2 * (h + 64 * (2 * h + 256))
+    assert quantized_weight_bytes(tensors, 2, False) == bits // 8 + norms == 24_633_468_928
+
+
+def test_qwen3_32b_q4_k_m_gguf_plan_is_refused_at_24_gib_with_the_numbers(tmp_path, monkeypatch):
+    """`openclaw plan Qwen3-32B-Q4_K_M.gguf --vram 24`, the header read replaced by its real tensor types: 22.94 GiB
+    of weights leave no KV pool; the refusal names the numbers, the GGUF widening and the AWQ model that fits."""
+    import openclaw.quant_gguf
+
+    monkeypatch.setattr(openclaw.quant_gguf, "gguf_tensor_layouts",
+                        lambda path: (dict(QWEN3_32B), q4_k_m_tensors(QWEN3_32B)))
+    path = tmp_path / "Qwen3-32B-Q4_K_M.gguf"
+    path.touch()
+    p, name, fitting = plan_model(str(path), tmp_path, 24, None)
+    assert p.weights == 24_633_468_928 and p.kv_tokens == 0 and "gguf" in p.weight_format
+    assert "Qwen3-32B" in fitting  # the AWQ checkpoint
+    with pytest.raises(OpenClawError, match=r"does not fit in 24.0 GiB: weights 22.94 GiB .*--vram 24\.9 or more"
+                                            r".*Q6_K: 10 bits per weight.*AWQ.*models that fit: .*Qwen3-32B"):
+        p.require(name, smaller=fitting)
+    assert plan_model(str(path), tmp_path, 28, None)[0].fits()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_runs_quantized_when_asked_with_the_dequantized_greedy_output(smollm2_gguf, smol_model_dir):
+    """`--quantize nf4` on a CPU: the GGUF stays in its Q4_1 / Q8_0 blocks (the route a GPU takes by default); the
+    greedy answer equals the dequantized import's (what a CPU loads by default)."""
+    from openclaw.config import EngineConfig, SamplingParams
+    from openclaw.llm import LLM
+
+    cache = smol_model_dir.parent.parent  # the session's cache: the float32 import is there already
+    common = {"model": str(smollm2_gguf), "device": "cpu", "dtype": "float32", "kv_tokens": 512, "cache_dir": cache}
+    quantized = LLM(EngineConfig(quantize="nf4", **common))
+    plain = LLM(EngineConfig(**common))
+    assert (quantized.model_dir / "model.gguf").is_symlink() and quantized.engine.model.quantized
+    assert plain.model_dir == smol_model_dir and not plain.engine.model.quantized
+    params = SamplingParams(temperature=0, max_tokens=24)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = [llm.generate([llm.chat_request(messages, params)])[0].text for llm in (quantized, plain)]
+    assert answers[0] == answers[1] and "Paris" in answers[0]

@@ -8,37 +8,16 @@ import sys
 
 import pytest
 import torch
-from openclaw.kernels.qlinear import quantize_rtn
-from safetensors.torch import load_file, save_file
-from tiny_models import full_forward, make_hf_model
+from safetensors.torch import save_file
+from tiny_models import full_forward, make_hf_model, quantized_copy
 
 from openclaw.config import EngineConfig, SamplingParams
 from openclaw.errors import OpenClawError
-from openclaw.loader import load_model, save_quantized
-from openclaw.memory import GIB, checkpoint_weight_bytes, eight_bit, loaded_bytes, plan, plan_model, weight_bytes
+from openclaw.loader import load_model
+from openclaw.memory import GIB, loaded_bytes, plan, plan_model
+from openclaw.weight_size import checkpoint_weight_bytes, weight_bytes
 
 CUDA = torch.cuda.is_available()
-
-
-def quantized_copy(src, dst, bits: int = 4, group: int = 32, mixed: bool = False):
-    """Our own layout of an HF checkpoint: every decoder linear RTN-quantized (v_proj 8-bit group 16 when mixed,
-    as GGUF Q4_K_M mixes Q4_K and Q6_K); embeddings and lm_head stay full precision (the loader makes them 8-bit).
-    Returns the dequantized reference directory's tensors."""
-    dst.mkdir(parents=True, exist_ok=True)
-    sd = load_file(str(src / "model.safetensors"))
-    tensors, ref = {}, {}
-    for name, t in sd.items():
-        if name.endswith("proj.weight"):
-            qw = quantize_rtn(t, 8, 16) if mixed and "v_proj" in name else quantize_rtn(t, bits, group)
-            tensors[name], ref[name] = qw, qw.dequantize()
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            tensors[name], ref[name] = t, quantize_rtn(t, 8, eight_bit(t.shape[1]).group).dequantize()
-        else:
-            tensors[name] = ref[name] = t
-    save_quantized(dst / "model.safetensors", tensors)
-    cfg = json.loads((src / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "openclaw"}}))
-    return ref
 
 
 @pytest.mark.parametrize("kind,overrides,mixed", [("qwen3", {}, False), ("llama", {"tie_word_embeddings": True}, True),
@@ -64,7 +43,7 @@ def test_planned_weight_bytes_equal_allocated(tied, tmp_path):
     allocated = loaded_bytes(model)
     assert abs(checkpoint_weight_bytes(tmp_path / "q", 2) / allocated - 1) < 0.03
     # the config-only estimate (group 32, offsets: what the checkpoint holds) matches too
-    from openclaw.memory import Layout
+    from openclaw.weight_size import Layout
 
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert abs(weight_bytes(cfg, 2, Layout(4, 32, True, False)) / allocated - 1) < 0.03
@@ -121,14 +100,76 @@ def test_gpu_engine_graph_decode_equals_eager_under_the_cap(tmp_path):
 
     make_hf_model("qwen3", tmp_path / "hf")
     quantized_copy(tmp_path / "hf", tmp_path / "q", group=32, mixed=True)
+    torch.cuda.empty_cache()  # other GPU tests in this process leave tensors and a peak behind
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     # fp32 so that the graphs' longer (masked) attention rows cannot flip a greedy choice by rounding
-    engine = Engine(tmp_path / "q", EngineConfig(model=str(tmp_path / "q"), vram=4, kv_tokens=4096, max_seqs=2,
-                                                 dtype="float32"))
-    prompt = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(5)).tolist()
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    graphs = engine.generate([prompt], params)[0].output_ids
-    assert engine.runner.graphs
-    engine.runner.cuda_graphs = False
-    eager = engine.generate([prompt], params)[0].output_ids
-    assert graphs == eager
-    assert torch.cuda.max_memory_allocated() <= engine.plan.cap - engine.plan.context
+    try:
+        engine = Engine(tmp_path / "q", EngineConfig(model=str(tmp_path / "q"), vram=4, kv_tokens=4096, max_seqs=2,
+                                                     dtype="float32"))
+        prompt = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        graphs = engine.generate([prompt], params)[0].output_ids
+        assert engine.runner.graphs
+        engine.runner.cuda_graphs = False
+        eager = engine.generate([prompt], params)[0].output_ids
+        assert graphs == eager
+        assert torch.cuda.max_memory_allocated() - before <= engine.plan.cap - engine.plan.context
+    finally:  # the engine capped this process's allocator; later GPU tests need the whole card
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+QWEN3_8B = {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+            "max_position_embeddings": 40960, "tie_word_embeddings": False}
+
+
+def test_quantize_auto_picks_nf4_only_when_full_precision_does_not_fit(tmp_path):
+    """A bf16 Qwen3-8B directory (config.json is all the plan reads): 15.3 GiB of bf16 weights fit --vram 24, not
+    --vram 16, where auto holds them as NF4; none refuses there and names what nf4 would take."""
+    (tmp_path / "q8").mkdir()
+    (tmp_path / "q8" / "config.json").write_text(json.dumps(QWEN3_8B))
+    full, _, _ = plan_model(str(tmp_path / "q8"), tmp_path, 24, None)
+    assert full.fits() and "full precision" in full.weight_format and 15 * GIB < full.weights < 15.5 * GIB
+    nf4, _, _ = plan_model(str(tmp_path / "q8"), tmp_path, 16, None)
+    assert nf4.fits() and "NF4" in nf4.weight_format and 4.5 * GIB < nf4.weights < 6 * GIB
+    assert plan_model(str(tmp_path / "q8"), tmp_path, 24, None, quantize="nf4")[0].weights == nf4.weights
+    none, name, _ = plan_model(str(tmp_path / "q8"), tmp_path, 16, None, quantize="none")
+    assert none.weights == full.weights
+    with pytest.raises(OpenClawError, match=r"not fit in 16.0 GiB.*--quantize nf4 would hold the weights in 4\.63 GiB"):
+        none.require(name)
+    # the manifest's Qwen3-8B is bf16->nf4: NF4 under auto whether pulled or not
+    assert plan_model("Qwen3-8B", tmp_path, 24, None)[0].weights == nf4.weights
+    pulled = tmp_path / "hub" / "Qwen" / "Qwen3-8B"
+    pulled.mkdir(parents=True)
+    (pulled / "config.json").write_text(json.dumps(QWEN3_8B))
+    assert plan_model("Qwen3-8B", tmp_path, 24, None)[0].weights == nf4.weights
+    assert plan_model("Qwen3-8B", tmp_path, 24, None, quantize="none")[0].weights == full.weights
+
+
+def test_nf4_plan_equals_what_nf4_at_load_allocates(tmp_path):
+    make_hf_model("qwen3", tmp_path / "hf", intermediate_size=128, hidden_size=128)
+    model = load_model(tmp_path / "hf", torch.device("cpu"), torch.bfloat16, nf4=True)
+    # exact but for the 64-byte NF4 code table, planned per checkpoint linear (7 a layer), shared by fused ones
+    assert 0 <= checkpoint_weight_bytes(tmp_path / "hf", 2, nf4=True) - loaded_bytes(model) <= 64 * 7 * 3
+
+
+def test_engine_quantizes_to_nf4_at_load_when_asked(tmp_path):
+    """--quantize nf4 reaches the loader (on the CPU too, where auto means none)."""
+    from openclaw.engine import Engine
+
+    make_hf_model("qwen3", tmp_path, hidden_size=128)
+    config = EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", kv_tokens=256)
+    assert not Engine(tmp_path, config).model.quantized
+    engine = Engine(tmp_path, EngineConfig(**{**vars(config), "quantize": "nf4"}))
+    qkv = engine.model.model.layers[0].self_attn.qkv_proj.qweight
+    assert engine.model.quantized and qkv.lut is not None and qkv.group == 64
+    prompt = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = load_model(tmp_path, torch.device("cpu"), torch.float32, nf4=True)
+    tokens = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].output_ids
+    ids = list(prompt)
+    for _ in range(8):
+        ids.append(int(full_forward(ref, ids)[-1].argmax()))
+    assert tokens == ids[len(prompt):]
+    with pytest.raises(OpenClawError, match="quantize 'int3' must be one of auto, none, nf4"):
+        EngineConfig(quantize="int3")

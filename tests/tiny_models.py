@@ -1,11 +1,17 @@
-"""Tiny random checkpoints of the real architectures, saved by transformers (the reference) as safetensors."""
+"""Tiny random checkpoints of the real architectures, saved by transformers (the reference) as safetensors, and their
+quantized copies in our own layout."""
 
+import json
 from pathlib import Path
 
 import torch
+from openclaw.kernels.qlinear import quantize_rtn
 from openclaw.models.layers import BatchMeta
+from safetensors.torch import load_file
 
 from openclaw.kv_pool import KVPool
+from openclaw.loader import save_quantized
+from openclaw.weight_size import eight_bit
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6}
@@ -39,3 +45,24 @@ def full_forward(model, ids: list[int], dtype=torch.float32) -> torch.Tensor:
     meta = BatchMeta(slot_mapping=torch.arange(T), seqs=[(0, T, 0, T)], sample_idx=torch.arange(T))
     with torch.inference_mode():
         return model(torch.tensor(ids), torch.arange(T), meta, pool.k, pool.v)
+
+
+def quantized_copy(src, dst, bits: int = 4, group: int = 32, mixed: bool = False):
+    """Our own layout of an HF checkpoint: every decoder linear RTN-quantized (v_proj 8-bit group 16 when mixed,
+    as GGUF Q4_K_M mixes Q4_K and Q6_K); embeddings and lm_head stay full precision (the loader makes them 8-bit).
+    Returns the dequantized reference directory's tensors."""
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = load_file(str(src / "model.safetensors"))
+    tensors, ref = {}, {}
+    for name, t in sd.items():
+        if name.endswith("proj.weight"):
+            qw = quantize_rtn(t, 8, 16) if mixed and "v_proj" in name else quantize_rtn(t, bits, group)
+            tensors[name], ref[name] = qw, qw.dequantize()
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            tensors[name], ref[name] = t, quantize_rtn(t, 8, eight_bit(t.shape[1]).group).dequantize()
+        else:
+            tensors[name] = ref[name] = t
+    save_quantized(dst / "model.safetensors", tensors)
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "openclaw"}}))
+    return ref
