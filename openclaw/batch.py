@@ -17,6 +17,10 @@ from openclaw.llm import LLM, Request
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 ITEM_FIELDS = {"prompt", "messages", "system", "id", "think", "think_budget"} | SAMPLING_FIELDS
+_NUMBER, _INT, _BOOL, _TEXT = "a number", "an integer", "true or false", "text"
+_KINDS = {"temperature": _NUMBER, "top_p": _NUMBER, "min_p": _NUMBER, "repetition_penalty": _NUMBER,
+          "top_k": _INT, "seed": _INT, "max_tokens": _INT, "think_budget": _INT, "think": _BOOL, "ignore_eos": _BOOL,
+          "system": _TEXT, "prompt": _TEXT}
 
 
 @dataclass
@@ -55,19 +59,42 @@ def _request(llm: LLM, item: dict | str, defaults: SamplingParams, system: str |
     unknown = sorted(set(item) - ITEM_FIELDS)
     if unknown:
         raise OpenClawError(f"unknown field {', '.join(map(repr, unknown))}; items take {', '.join(sorted(ITEM_FIELDS))}")
+    item = {k: v for k, v in item.items() if v is not None}  # null: the flag's value, as if not given
+    _check_types(item)
     if isinstance(item.get("messages"), list) and item["messages"]:
         messages = item["messages"]
+        for n, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise OpenClawError(f"messages[{n}] must be an object with \"role\" and \"content\" text")
     elif isinstance(item.get("prompt"), str) and item["prompt"].strip():
         sys_msg = item.get("system", system)
         messages = ([{"role": "system", "content": sys_msg}] if sys_msg else []) + [
             {"role": "user", "content": item["prompt"]}]
     else:
         raise OpenClawError("needs \"prompt\" (non-empty text) or \"messages\" (a non-empty list)")
-    try:
-        params = replace(defaults, **{k: v for k, v in item.items() if k in SAMPLING_FIELDS})
-    except TypeError as e:  # e.g. "temperature": "hot" fails the range checks with a TypeError
-        raise OpenClawError(f"bad sampling field: {e}") from None
+    params = replace(defaults, **{k: v for k, v in item.items() if k in SAMPLING_FIELDS})
+    if item.get("think_budget", 1) < 1:
+        raise OpenClawError(f"think_budget {item['think_budget']} must be >= 1")
     return llm.chat_request(messages, params, item.get("think", think), item.get("think_budget", think_budget))
+
+
+def _check_types(item: dict) -> None:
+    if isinstance(item.get("stop"), str):
+        item["stop"] = [item["stop"]]
+    for name, value in item.items():
+        kind = _KINDS.get(name)
+        if kind is _TEXT:
+            ok = isinstance(value, str)
+        elif kind is _BOOL:
+            ok = isinstance(value, bool)
+        elif kind is not None:
+            ok = not isinstance(value, bool) and isinstance(value, int if kind is _INT else (int, float))
+        elif name == "stop":
+            kind, ok = "a string or a list of strings", isinstance(value, list) and all(isinstance(s, str) for s in value)
+        else:
+            ok = True
+        if not ok:
+            raise OpenClawError(f"{name} must be {kind}, not {value!r}")
 
 
 def run_batch(llm: LLM, items: list[dict | str], defaults: SamplingParams, system: str | None = None,

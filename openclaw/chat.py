@@ -140,7 +140,12 @@ class Chat:
             self.messages.pop()
             self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
             return
-        answer, reasoning, stats = self._stream(streams, key, len(request.prompt_ids))
+        try:
+            answer, reasoning, stats = self._stream(streams, key, len(request.prompt_ids))
+        except OpenClawError as e:  # the engine refused mid-answer (fp16 overflow): this turn is lost, not the chat
+            self.messages.pop()
+            self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+            return
         if stats.finish_reason == "abort":
             self.err.print("[dim](stopped)[/dim]")
         elif stats.finish_reason == "length":
@@ -281,6 +286,12 @@ class Chat:
                 isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
                 for m in messages):
             raise OpenClawError(f"{arg}: \"messages\" must be a list of user/assistant messages with text content")
+        settings = {"system": (str, "text"), "think": (bool, "true or false"), "think_budget": (int, "a number of tokens")}
+        for key, (kind, what) in settings.items():
+            value = data.get(key)
+            if value is not None and (not isinstance(value, kind) or (kind is int and (isinstance(value, bool)
+                                                                                       or value < 1))):
+                raise OpenClawError(f"{arg}: \"{key}\" must be {what} or null, not {value!r}")
         self.messages, self.system = messages, data.get("system")
         self.think, self.think_budget = data.get("think"), data.get("think_budget")
         self._note(f"loaded {len(messages)} messages from {arg}")

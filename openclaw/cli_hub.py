@@ -79,6 +79,8 @@ def models(
     """List the models OpenClaw knows by name, which are downloaded, and which fit --vram (with and without eviction)."""
     from openclaw.hub import list_models, load_manifest
 
+    if vram is not None and vram <= 0:
+        raise OpenClawError(f"--vram {vram:g} GiB must be > 0")
     cap = int(vram * 2**30) if vram else _gpu_total()
     table = Table(Column("name", overflow="fold", min_width=13), "params", "format", "download", "local",
                   box=box.SIMPLE_HEAD)

@@ -1,10 +1,12 @@
 """The OpenAI wire format for the server: request bodies -> validated Requests, Deltas -> responses and chunks.
 
 Anything a client can get wrong becomes an ApiError (a 4xx status and OpenAI's error body), never an exception
-from deeper down. No HTTP and no threads here (server.py); no tool-call parsing: tools reach the chat
-template, and the model's tool-call text comes back as content.
+from deeper down. No HTTP and no threads here (server.py). `tools` reach the chat template and <tool_call> blocks
+in the answer come back as `tool_calls` (tool_calls.py); tool_choice "none" leaves the tools out, any other
+tool_choice is taken as "auto" (nothing forces a call).
 """
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from openclaw.config import SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
+from openclaw.tool_calls import ToolCallSplitter, parse_tool_calls
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -43,7 +46,7 @@ class Api:
 def _check_model(api: Api, body: dict) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "\"model\" is required", param="model")
+        raise ApiError(400, "\"model\" is required: the id /v1/models lists", param="model")
     if model.lower() != api.model_name.lower():
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{api.model_name}'",
                        param="model", code="model_not_found")
@@ -62,7 +65,7 @@ def _number(body: dict, name: str, kind: type, lo: float | None = None, hi: floa
 
 
 def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
         raise ApiError(400, "only n=1 (and best_of=1) is supported", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
@@ -90,10 +93,18 @@ def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
             temperature=_number(body, "temperature", float, 0, 2), top_p=_number(body, "top_p", float),
             top_k=_number(body, "top_k", int), min_p=_number(body, "min_p", float),
             repetition_penalty=_number(body, "repetition_penalty", float), seed=_number(body, "seed", int),
-            max_tokens=max_tokens or min(api.max_tokens, room), stop=stop,
+            max_tokens=max_tokens or _default_max_tokens(api, prompt_tokens, room), stop=stop,
         )
     except OpenClawError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _default_max_tokens(api: Api, prompt_tokens: int, room: int) -> int:
+    """--max-tokens, capped by the context left and, without eviction, by the KV pool (a request that gives no
+    max_tokens should not be refused for a limit it never asked for)."""
+    engine = api.llm.engine
+    pool_room = room if engine.config.evict.evicts else engine.pool.num_slots - prompt_tokens
+    return max(1, min(api.max_tokens, room, pool_room))
 
 
 def _text_content(content, where: str) -> str | None:
@@ -115,10 +126,43 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}", param="messages")
         m = {**m, "content": _text_content(m.get("content"), f"messages[{i}]")}
+        if m["content"] is None:  # OpenAI allows none only beside an assistant's tool_calls; templates want text
+            if m["role"] != "assistant":
+                raise ApiError(400, f"messages[{i}]: a {m['role']} message needs \"content\"", param="messages")
+            m["content"] = ""
+        if m.get("tool_calls") is not None:
+            m["tool_calls"] = _tool_calls(m["tool_calls"], i)
         if m["role"] == "developer":  # OpenAI's newer name for the system role; templates know "system"
             m["role"] = "system"
         out.append(m)
     return out
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant's tool_calls with JSON-string arguments parsed, as vLLM does: templates write them with tojson."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              for c in calls):
+        raise ApiError(400, f"messages[{i}].tool_calls must be a list of {{\"function\": {{...}}}} objects",
+                       param="messages")
+    out = []
+    for c in calls:
+        fn = dict(c["function"])
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                pass  # left as the text the client sent
+        out.append({**c, "function": fn})
+    return out
+
+
+def _tools(body: dict) -> list[dict] | None:
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ApiError(400, "\"tools\" must be a list of tool objects", param="tools")
+    if choice is not None and not isinstance(choice, (str, dict)):
+        raise ApiError(400, "\"tool_choice\" must be \"none\", \"auto\", \"required\" or an object", param="tool_choice")
+    return (tools or None) if choice != "none" else None
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -130,15 +174,19 @@ def parse_chat(api: Api, body: dict) -> tuple[Request, "Reply"]:
     _check_model(api, body)
     messages = _messages(body)
     kwargs = body.get("chat_template_kwargs") or {}
-    think = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "\"chat_template_kwargs\" must be an object", param="chat_template_kwargs")
+    think = kwargs.get("enable_thinking")
+    if think is not None and not isinstance(think, bool):
+        raise ApiError(400, f"\"enable_thinking\" must be true or false, not {think!r}", param="chat_template_kwargs")
     budget = _number(body, "thinking_budget", int, 1)
-    tools = body.get("tools")
+    tools = _tools(body)
     try:
-        probe = api.llm.chat_request(messages, SamplingParams(), think, budget, tools if tools else None)
+        probe = api.llm.chat_request(messages, SamplingParams(), think, budget, tools)
     except OpenClawError as e:  # the chat template refused this conversation
         raise ApiError(400, str(e), param="messages") from None
     request = Request(probe.prompt_ids, _sampling(api, body, len(probe.prompt_ids)), probe.thinking, budget)
-    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body))
+    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body), tools=bool(tools))
 
 
 def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
@@ -162,8 +210,10 @@ def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
 class Reply:
     """One request's answer in OpenAI's shapes: chunks as deltas arrive (stream) or one body at the end."""
 
-    def __init__(self, kind: str, model: str, prompt_tokens: int, stream: bool, include_usage: bool):
+    def __init__(self, kind: str, model: str, prompt_tokens: int, stream: bool, include_usage: bool,
+                 tools: bool = False):
         self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
+        self.tools = ToolCallSplitter() if tools else None  # parse <tool_call> blocks out of the answer
         self.stream, self.include_usage = stream, include_usage
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -190,10 +240,12 @@ class Reply:
 
     def final(self) -> dict:
         if self.kind == "chat":
-            message = {"role": "assistant", "content": self.text}
+            content, calls = parse_tool_calls(self.text) if self.tools else (self.text, [])
+            message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+            finish = "tool_calls" if calls and self.finish_reason == "stop" else self.finish_reason
             if self.reasoning:
                 message["reasoning_content"] = self.reasoning
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": self.text, "logprobs": None, "finish_reason": self.finish_reason}
         return {**self._head(False), "choices": [choice], "usage": self.usage()}
@@ -211,10 +263,19 @@ class Reply:
 
     def chunks(self, d: Delta) -> list[dict]:
         self.add(d)
-        delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", d.text)) if v}
+        text = self.tools.feed(d.text) if self.tools else d.text
+        delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", text)) if v}
         out = [self._chunk(delta)] if delta else []
         if d.finish_reason:
-            out.append(self._chunk({}, self.finish_reason))
+            finish = self.finish_reason
+            if self.tools:
+                rest, calls = self.tools.finish()
+                if rest:
+                    out.append(self._chunk({"content": rest}))
+                if calls:
+                    out.append(self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+                    finish = "tool_calls" if finish == "stop" else finish
+            out.append(self._chunk({}, finish))
             if self.include_usage:
                 out.append({**self._head(True), "choices": [], "usage": self.usage()})
         return out

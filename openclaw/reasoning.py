@@ -21,7 +21,7 @@ class Phase(Enum):
     ANSWER = "answer"
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag (held back: it may become the tag)."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
@@ -60,7 +60,7 @@ class ThinkSplitter:
             end = self.buffer.find(THINK_CLOSE)
             if end < 0:
                 # hold back a possible start of </think> and trailing newlines (stripped if </think> follows)
-                keep = len(self.buffer) - _partial_suffix(self.buffer, THINK_CLOSE)
+                keep = len(self.buffer) - partial_suffix(self.buffer, THINK_CLOSE)
                 keep = len(self.buffer[:keep].rstrip("\n"))
                 reasoning, self.buffer = self.buffer[:keep], self.buffer[keep:]
                 return reasoning, ""

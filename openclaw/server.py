@@ -3,7 +3,7 @@
 Standard library only (http.server): one thread per connection validates a request and renders its prompt;
 one engine thread owns the LLM and decodes every live request in one batch (llm.Streams), fed through a
 queue, with deltas coming back through a queue per request. Errors are OpenAI-style JSON with a 4xx status.
-The OpenAI wire format lives in openai_api.py; this file is the HTTP and threading side. No tool-call parsing.
+The OpenAI wire format lives in openai_api.py; this file is the HTTP and threading side.
 """
 
 import json
@@ -66,6 +66,10 @@ class EngineLoop(threading.Thread):
                     job.events.put("accepted")
                 except OpenClawError as e:  # can never fit (context, pool): the client's to fix
                     job.events.put(ApiError(400, str(e), code="context_length_exceeded"))
+                except Exception:  # a bug: this request fails, the thread (and every other request) goes on
+                    log.exception("admitting a request failed")
+                    job.events.put(ApiError(500, "the engine could not take this request; see the server log",
+                                            kind="server_error"))
                 continue  # admit everything queued before the next step, so arrivals share it
             for key in [k for k, j in jobs.items() if j.cancelled.is_set()]:
                 streams.cancel(key)
@@ -125,12 +129,17 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._error(e)
 
+    def _no_method(self) -> None:
+        try:
+            self._raw_body()  # read it, so a kept-alive connection stays usable
+            raise ApiError(405, f"{self.command} is not supported; use GET or POST", code="method_not_allowed")
+        except ApiError as e:
+            self._error(e)
+
+    do_PUT = do_DELETE = do_PATCH = _no_method
+
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} byte limit")
-        raw = self.rfile.read(length)
+        raw = self._raw_body()
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -138,6 +147,39 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
+
+    def _raw_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._chunked()
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            self.close_connection = True  # where this body ends is unknown
+            raise ApiError(400, f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} byte limit")
+        return self.rfile.read(int(length))
+
+    def _chunked(self) -> bytes:
+        """A body sent with Transfer-Encoding: chunked (clients streaming an upload send no Content-Length)."""
+        raw = b""
+        while True:
+            try:
+                size = int(self.rfile.readline(64).split(b";")[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                raise ApiError(400, "malformed chunked request body")
+            if len(raw) + size > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, f"request body is over the {MAX_BODY} byte limit")
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers, then the blank line that ends the body
+                    pass
+                return raw
+            raw += self.rfile.read(size)
+            self.rfile.readline(8)  # the CRLF after each chunk
 
     def _next(self, job: Job):
         while True:

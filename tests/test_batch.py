@@ -38,6 +38,8 @@ def test_32_prompts_in_order_with_per_item_fields_and_failures(smol_model_dir, t
     lines.insert(9, '{"prompt": "hi", "temperature": -2}')  # items that fail: a bad value, an unknown field,
     lines.insert(20, '{"prompt": "hi", "max_token": 3}')  # and a line that is not JSON
     lines.insert(30, "{oops")
+    lines.insert(33, '{"prompt": "hi", "seed": 100000000000000000000000}')  # once a traceback from torch, no rows
+    lines.append('{"prompt": "hi", "think_budget": "many"}')
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
     r = subprocess.run([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", dst, "--model",
@@ -46,12 +48,14 @@ def test_32_prompts_in_order_with_per_item_fields_and_failures(smol_model_dir, t
                        env={**os.environ, "COLUMNS": "200", "OPENCLAW_CACHE": str(tmp_path)})
     assert r.returncode == 2, r.stderr  # some items failed ...
     assert re.search(r"32 answers, \d+ tokens in [\d.]+s \([\d.]+ tok/s, 32 at a time\)", r.stderr), r.stderr
-    assert "error: 3 of 35 items failed" in r.stderr
+    assert "error: 5 of 37 items failed" in r.stderr and "Traceback" not in r.stderr
     rows = [json.loads(line) for line in dst.read_text().splitlines()]  # ... and the others were still written
-    assert [row["index"] for row in rows] == list(range(35))
+    assert [row["index"] for row in rows] == list(range(37))
     errors = {i: row["error"] for i, row in enumerate(rows) if "error" in row}
-    assert sorted(errors) == [9, 20, 30]
+    assert sorted(errors) == [9, 20, 30, 33, 36]
     assert "temperature -2" in errors[9] and "'max_token'" in errors[20] and "not JSON" in errors[30]
+    assert "seed 100000000000000000000000 must be in" in errors[33]
+    assert errors[36] == "think_budget must be an integer, not 'many'"
     answers = [row for row in rows if "error" not in row]
     assert [row["id"] for row in answers] == [f"q{i}" for i in range(32)]
     for i, row in enumerate(answers):
@@ -62,3 +66,12 @@ def test_32_prompts_in_order_with_per_item_fields_and_failures(smol_model_dir, t
     assert answers[5]["completion_tokens"] == 3 and answers[5]["finish_reason"] == "length"
     assert answers[6]["finish_reason"] == "stop" and "capital" not in answers[6]["text"]
     assert "sky" in answers[7]["text"].lower() and answers[7]["prompt_tokens"] < answers[8]["prompt_tokens"]
+
+
+def test_out_that_cannot_be_written_is_refused_before_loading(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    for out, message in [(tmp_path / "nodir" / "out.jsonl", "no such directory"), (tmp_path, "is a directory")]:
+        r = subprocess.run([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", out, "--model", "Nope"],
+                           check=False, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 2 and r.stderr.strip() == f"error: --out {out}: {message}", r.stderr

@@ -1,6 +1,7 @@
 """`openclaw chat` driven through a real pseudo-terminal, as a person types: turns, commands, Ctrl-C, Ctrl-D."""
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -13,6 +14,13 @@ import termios
 import time
 
 import pytest
+from rich.console import Console
+from test_tokenizer import QWEN3_TEMPLATE
+
+from openclaw.chat import HELP, Chat
+from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
+from openclaw.llm import LLM
+from openclaw.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|[\x01\x02\r]")
@@ -129,6 +137,9 @@ def test_chat_turns_commands_ctrl_c_and_ctrl_d(smol_model_dir, chat_env, tmp_pat
         assert "loaded 4 messages" in term.expect(PROMPT)
         term.send("/nope\r")
         assert "unknown command /nope" in term.expect(PROMPT)
+        term.send("/help\r")
+        shown = term.expect(PROMPT)
+        assert all(name.split()[0] in shown for name, _ in HELP) and "Multi-line" in shown
         term.send("\x04")
         assert term.wait() == 0
     finally:
@@ -157,3 +168,79 @@ def test_thinking_is_dimmed_budgeted_and_left_out_of_the_next_prompt(smol_thinki
         assert term.wait() == 0
     finally:
         term.kill()
+
+
+def in_process(model_dir, max_tokens: int, **config) -> tuple[Chat, io.StringIO]:
+    """A Chat on the real model without a terminal: what it prints to stderr (notes, errors) comes back as text."""
+    llm = LLM(EngineConfig(model=str(model_dir), device="cpu", max_seqs=1, **config))
+    err = io.StringIO()
+    return Chat(llm, SamplingParams(temperature=0, max_tokens=max_tokens), Console(file=io.StringIO(), width=200),
+                Console(file=err, width=200)), err
+
+
+def test_bad_command_input_gets_one_line(smol_model_dir, tmp_path):
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=1024)
+    (tmp_path / "notjson.json").write_text("{oops")
+    (tmp_path / "odd.json").write_text(json.dumps({"format": "openclaw-chat/1", "messages": [], "think_budget": "x"}))
+    (tmp_path / "roles.json").write_text(json.dumps({"format": "openclaw-chat/1", "messages": [{"role": "bot"}]}))
+    for command, message in [
+        ("/think maybe", "/think takes on or off, not 'maybe'"),
+        ("/think-budget lots", "/think-budget takes a number of tokens or off"),
+        ("/save", "/save needs a file name"),
+        (f"/save {tmp_path}", f"could not write {tmp_path}"),
+        ("/load", "/load needs a file name"),
+        (f"/load {tmp_path / 'none.json'}", "could not read"),
+        (f"/load {tmp_path / 'notjson.json'}", "is not a saved chat"),
+        (f"/load {tmp_path / 'odd.json'}", "\"think_budget\" must be a number of tokens or null, not 'x'"),
+        (f"/load {tmp_path / 'roles.json'}", "must be a list of user/assistant messages"),
+    ]:
+        err.seek(0), err.truncate()
+        assert chat.command(command) is None
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (command, lines)
+    assert chat.think is None and chat.think_budget is None and chat.messages == []  # nothing half-applied
+    chat.command("/system Answer in one word.")
+    assert chat.conversation() == [{"role": "system", "content": "Answer in one word."}]
+    assert "Answer in one word." in chat.llm.tokenizer.render_chat(chat.conversation() + [{"role": "user",
+                                                                                          "content": "hi"}])
+    chat.command("/system")
+    assert chat.system is None and "system message removed" in err.getvalue()
+
+
+def test_thinking_is_kept_apart_and_out_of_the_next_prompt(smol_thinking_dir, tmp_path):
+    chat, _ = in_process(smol_thinking_dir, 24, kv_tokens=1024)
+    chat.think_budget = 6
+    chat.turn("Write a short poem about the sea.")
+    reasoning, answer = chat.messages[-1]["reasoning_content"], chat.messages[-1]["content"]
+    assert len(reasoning) > 5 and answer and "think>" not in reasoning + answer
+    nxt = chat.conversation() + [{"role": "user", "content": "Thanks!"}]
+
+    def left_out(prompt: str) -> bool:  # the answer may repeat the reasoning's words: count, and look for the tag
+        return answer in prompt and "</think>" not in prompt and prompt.count(reasoning) == answer.count(reasoning)
+
+    assert left_out(chat.llm.tokenizer.render_chat(nxt))
+    qwen3 = tmp_path / "qwen3"  # and Qwen3's own template, which drops reasoning_content before the last question
+    qwen3.mkdir()
+    for f in smol_thinking_dir.iterdir():
+        if f.name != "chat_template.jinja":
+            (qwen3 / f.name).symlink_to(f)
+    (qwen3 / "chat_template.jinja").write_text(QWEN3_TEMPLATE)
+    assert left_out(Tokenizer.from_dir(qwen3).render_chat(nxt))
+    assert not left_out(Tokenizer.from_dir(qwen3).render_chat(nxt[:-1]))  # the last turn's reasoning: kept
+
+
+@pytest.mark.parametrize("evict", [None, EvictionConfig(policy="streaming", budget=32, divide_length=64,
+                                                        protect_recent=8, pin_prompt=False)])
+def test_a_session_longer_than_the_kv_pool_keeps_going(smol_model_dir, evict):
+    """A pool of 128 slots, and a conversation that outgrows it: without eviction the oldest turn is dropped (and
+    the chat says so); with an eviction budget the whole conversation stays in the prompt."""
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=128, **({"evict": evict} if evict else {}))
+    for i in range(2):
+        chat.turn(f"Here is a fact about the number {i + 3}: it is a number. " * 3 + "Say something about it.")
+        assert chat.last.finish_reason in ("stop", "length") and chat.last.completion_tokens >= 1
+    if evict is None:
+        assert "dropped the 2 oldest messages" in err.getvalue() and len(chat.messages) == 2
+        assert chat.last.prompt_tokens + chat.last.completion_tokens <= 128
+    else:
+        assert "dropped" not in err.getvalue() and len(chat.messages) == 4
+        assert chat.last.prompt_tokens > 128 and chat.last.kv_len <= 32 + 64

@@ -215,3 +215,8 @@ def test_cli_pull_then_run_by_name(smol_model_dir, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_models_refuses_a_vram_that_is_not_positive(tmp_path):
+    r = openclaw("models", "--vram", "0", env={"HOME": str(tmp_path), "OPENCLAW_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and r.stderr.strip() == "error: --vram 0 GiB must be > 0", r.stderr

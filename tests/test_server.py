@@ -1,5 +1,6 @@
 """`openclaw serve` on loopback, spoken to with the official openai client, as an agent would."""
 
+import http.client
 import json
 import os
 import re
@@ -21,6 +22,18 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                             "parameters": {"type": "object", "required": ["city"],
+                                                            "properties": {"city": {"type": "string"}}}}}]
+_SHOT = '<tool_call>{{"name": "get_weather", "arguments": {{"city": "{}"}}}}</tool_call>'
+# SmolLM2's template has no tools section: two examples teach it Qwen3's tool-call format (it copies it, greedily)
+TOOL_TALK = [{"role": "system", "content": "You call tools. To call one, reply with exactly <tool_call>{\"name\": NAME, "
+              "\"arguments\": {...}}</tool_call> and nothing else."},
+             {"role": "user", "content": "What is the weather in Berlin?"},
+             {"role": "assistant", "content": _SHOT.format("Berlin")},
+             {"role": "user", "content": "What is the weather in Rome?"},
+             {"role": "assistant", "content": _SHOT.format("Rome")},
+             {"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +127,44 @@ def test_completions_endpoint(client):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
+def test_tool_calls_come_back_as_tool_calls(client):
+    r = chat(client, TOOL_TALK, tools=WEATHER, tool_choice="auto")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(chat(client, TOOL_TALK, tools=WEATHER, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not "".join(d.content or "" for d in deltas)  # the call's text is not streamed as content
+    [streamed] = [tc for d in deltas for tc in d.tool_calls or []]
+    assert streamed.index == 0 and streamed.id.startswith("call_")
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    r = chat(client, TOOL_TALK, tools=WEATHER, tool_choice="none")  # no tools offered: the text stays text
+    assert r.choices[0].message.content == _SHOT.format("Paris") and not r.choices[0].message.tool_calls
+    # the agent's next request: the call (content null) and the tool's result go back in
+    result = [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r = chat(client, TOOL_TALK + result, tools=WEATHER, max_tokens=8)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        chat(client, tools="get_weather")
+
+
+def raw_post(url: str, body, headers: dict, method: str = "POST") -> tuple[int, dict]:
+    """A request the openai client would never send: bad headers, a chunked body, another method."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, "/v1/chat/completions", body=body, headers=headers,
+                     encode_chunked=not isinstance(body, bytes))
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=QUESTION)
@@ -132,6 +183,17 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(server[0] + "/nowhere", timeout=10)
     assert e.value.code == 404
+    with pytest.raises(openai.BadRequestError, match=r"seed \d+ must be in \[0, 2\*\*63\)"):
+        chat(client, seed=10**30)  # once crashed the engine thread: every later request got a 503
+    with pytest.raises(openai.BadRequestError, match="enable_thinking"):
+        chat(client, extra_body={"chat_template_kwargs": {"enable_thinking": "no"}})
+    with pytest.raises(openai.BadRequestError, match="a user message needs"):
+        client.chat.completions.create(model="smol", messages=[{"role": "user"}])
+    body = json.dumps({"model": "smol", "messages": QUESTION, "max_tokens": 6, "n": None}).encode()
+    assert raw_post(server[0], body, {"Content-Length": "many"})[0] == 400
+    assert raw_post(server[0], body, {"Content-Length": str(len(body))}, method="PUT")[0] == 405
+    status, answer = raw_post(server[0], iter([body[:20], body[20:]]), {"Content-Type": "application/json"})
+    assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]  # a chunked upload
     assert health(server[0])["status"] == "ok"
     assert "Paris" in chat(client).choices[0].message.content
     assert "Traceback" not in server[1].read_text()
@@ -166,7 +228,16 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
         while pool.allocator.num_free != pool.num_slots and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pool.allocator.num_free == pool.num_slots
+
+        with pytest.raises(openai.BadRequestError, match="needs 50\\d\\d KV slots but the pool has 4096"):
+            client.chat.completions.create(model="smol-think", messages=QUESTION, max_tokens=5000)
+        # as `serve --max-tokens 100000`: a request that gives no max_tokens gets what the pool holds, not a 400
+        server.api.max_tokens = 100_000
+        off = client.chat.completions.create(model="smol-think", messages=QUESTION, temperature=0,
+                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert "Paris" in off.choices[0].message.content
     finally:
         server.shutdown()
         server.loop.stop()
         server.server_close()
+        server.loop.join(timeout=10)  # a daemon thread still inside torch at exit aborts the interpreter
