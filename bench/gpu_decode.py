@@ -71,9 +71,25 @@ def copy_bandwidth() -> float:
     return 2 * (4 << 30) / (ms / 1e3)
 
 
+def graph_us(fn, copies: list, calls: int = 8) -> float:
+    """Microseconds per call of fn(copy), replayed in a CUDA graph (no Python dispatch, as in decode) over rotating
+    copies of the weight (together larger than the L2, so each call reads from memory)."""
+    from triton.testing import do_bench
+
+    for c in copies:  # autotune and compile outside the capture
+        fn(c)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(copies[i % len(copies)])
+    return do_bench(g.replay, warmup=10, rep=100, return_mode="median") * 1e3 / calls
+
+
 def kernel_table(copy_bw: float) -> list[dict]:
-    """Each Qwen3-32B linear shape alone: fused 4-bit GEMV (M=1) vs bf16 cuBLAS GEMV; prefill M=512 vs bf16 GEMM."""
-    from openclaw.kernels.qlinear import qlinear, quantize_rtn
+    """Each Qwen3-32B linear shape alone: fused 4-bit GEMV (M=1, in a CUDA graph, split-K 1 and 8) vs bf16 cuBLAS
+    GEMV; prefill M=512 vs bf16 GEMM."""
+    from openclaw.kernels.qlinear import QuantWeight, qgemv, qlinear, quantize_rtn
     from triton.testing import do_bench
 
     rows = []
@@ -83,12 +99,16 @@ def kernel_table(copy_bw: float) -> list[dict]:
         qw = quantize_rtn(w, 8 if "lm_head" in name else 4, 128)
         x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         xp = torch.randn(512, k, device="cuda", dtype=torch.bfloat16)
-        ms_q = do_bench(partial(qlinear, x1, qw), warmup=25, rep=100, return_mode="median")
+        copies = [qw] + [QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, qw.bits,
+                                     qw.group, qw.shape) for _ in range(max(1, (200 << 20) // qw.nbytes))]
+        ms_q = graph_us(partial(qgemv, x1, split=1), copies) / 1e3
+        us_split = graph_us(partial(qgemv, x1, split=8), copies)
+        del copies
         ms_b = do_bench(partial(F.linear, x1, w), warmup=25, rep=100, return_mode="median")
         ms_qp = do_bench(partial(qlinear, xp, qw), warmup=10, rep=50, return_mode="median")
         ms_bp = do_bench(partial(F.linear, xp, w), warmup=10, rep=50, return_mode="median")
         rows.append({"shape": f"{name} {k}->{n}", "q_us": ms_q * 1e3, "q_gbs": qw.nbytes / ms_q / 1e6,
-                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "bf16_us": ms_b * 1e3,
+                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "split8_us": us_split, "bf16_us": ms_b * 1e3,
                      "bf16_frac": w.numel() * 2 / (ms_b / 1e3) / copy_bw, "prefill512_ms": ms_qp,
                      "bf16_prefill512_ms": ms_bp})
     return rows
@@ -261,10 +281,11 @@ def print_table(res: dict) -> None:
         rows.append(("peer", p.get("error", "?")))
     for k, v in rows:
         print(f"| {k} | {v} |")
-    print("\n| shape (M=1) | 4-bit GEMV | GB/s | of copy bw | bf16 cuBLAS GEMV | of copy bw | prefill M=512: "
-          "dequant+cuBLAS / bf16 cuBLAS |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| shape (M=1) | 4-bit GEMV in a graph | GB/s | of copy bw | split-K 8 | bf16 cuBLAS GEMV | of copy bw | "
+          "prefill M=512: dequant+cuBLAS / bf16 cuBLAS |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["kernels"]:
         print(f"| {r['shape']} | {r['q_us']:.1f} us | {r['q_gbs']:.0f} | {100 * r['q_frac']:.0f}% | "
+              f"{r['split8_us']:.1f} us | "
               f"{r['bf16_us']:.1f} us | {100 * r['bf16_frac']:.0f}% | {r['prefill512_ms']:.3f} / "
               f"{r['bf16_prefill512_ms']:.3f} ms |")
 

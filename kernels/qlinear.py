@@ -16,6 +16,10 @@ import triton.language as tl
 
 GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; up to GEMV_CHUNKED_ROWS rows run as several launches
 GEMV_CHUNKED_ROWS = 32  # above this the weight is dequantized to x.dtype in chunks and multiplied by torch
+# K-slices for one row of a tall weight (K >= 4 N: down_proj). bench/gemv_lab.py's split-K variant ran
+# 5120 x 25600 in 49 us instead of 66 on the H200; this kernel's split path is checked only in the interpreter so
+# far, so it stays 1 until bench/gpu_decode.py (which times split 1 and 8) has measured it on the GPU
+TALL_SPLIT = 1
 DEQUANT_CHUNK_BYTES = 64 << 20  # the prefill path's dequantized-weight workspace (the memory planner counts it)
 
 
@@ -94,7 +98,9 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     wpg = args["GROUP"] * args["BITS"] // 32  # words per group: a tile holds whole groups
     if not named_args["x_ptr"].is_cuda:
         # Triton's interpreter (CPU tensors) runs programs one by one: few large tiles keep real shapes fast there
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_W": max(512, wpg)})]
+        # (tiles no longer than a K-slice, so that each slice gets work)
+        slice_w = triton.next_power_of_2(triton.cdiv(args["W"], args["SPLIT"]))
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_W": max(wpg, min(512, slice_w))})]
     fit = [c for c in configs if c.kwargs["BLOCK_W"] >= wpg] or [triton.Config({"BLOCK_N": 8, "BLOCK_W": wpg})]
     # batched decode (M > 1) and weights under 4 MiB: not worth compiling and timing every config
     return fit if args["M"] == 1 and args["N"] * args["W"] >= 1 << 20 else fit[:1]
@@ -114,13 +120,13 @@ def _code_plus_one(b_q, i: tl.constexpr, BITS: tl.constexpr):
     return ((t & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "W", "M", "BITS", "GROUP"],
+@triton.autotune(configs=_gemv_configs(), key=["N", "W", "M", "BITS", "GROUP", "SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_gemv_configs})
 @triton.jit
-def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, W, stride_xm, stride_qn, stride_sn,
-                  stride_ym, M: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr,
-                  HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_W: tl.constexpr):
+def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, part_ptr, N, W, stride_xm, stride_qn,
+                  stride_sn, stride_ym, M: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                  HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias) for m < M <= 8, reading the codes as int32 words (W per row; code
     i of word w is k = w * CPW + i): one program per BLOCK_N rows, looping over tiles of G whole groups, the next
     tile's words, scales and offsets loaded before the current one is computed.
@@ -131,29 +137,32 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, W, stri
     WPG: tl.constexpr = GROUP // CPW  # words per group
     G: tl.constexpr = BLOCK_W // WPG  # groups per tile
     i_n = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)  # K-slice: words [start, stop) (all of them when SPLIT == 1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_g = tl.arange(0, G)
     o_w = o_g[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [G, WPG]: word offsets within a tile
     o_m = tl.arange(0, M_PAD)
-    num_groups = W // WPG
+    start = i_k * (tl.cdiv(tl.cdiv(W, SPLIT), BLOCK_W) * BLOCK_W)
+    stop = tl.minimum(start + tl.cdiv(tl.cdiv(W, SPLIT), BLOCK_W) * BLOCK_W, W)
+    num_groups = stop // WPG
     p_q = qw_ptr + o_n[:, None, None] * stride_qn + o_w[None, :, :]
     p_s = o_n[:, None] * stride_sn + o_g[None, :]
-    b_q = tl.load(p_q, mask=m_n[:, None, None] & (o_w < W)[None], other=0)
-    m_ng = m_n[:, None] & (o_g < num_groups)[None, :]
-    b_s = tl.load(s_ptr + p_s, mask=m_ng, other=0.0)
-    b_o = tl.load(o_ptr + p_s, mask=m_ng, other=0.0) if HAS_OFFSETS else b_s
+    b_q = tl.load(p_q + start, mask=m_n[:, None, None] & ((start + o_w) < stop)[None], other=0)
+    m_ng = m_n[:, None] & ((start // WPG + o_g) < num_groups)[None, :]
+    b_s = tl.load(s_ptr + p_s + start // WPG, mask=m_ng, other=0.0)
+    b_o = tl.load(o_ptr + p_s + start // WPG, mask=m_ng, other=0.0) if HAS_OFFSETS else b_s
     acc1 = tl.zeros((BLOCK_N, G), dtype=tl.float32)  # M == 1: reduced over the groups once, after the loop
     acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)  # M > 1
-    for w0 in range(0, W, BLOCK_W):
+    for w0 in range(start, stop, BLOCK_W):
         w1 = w0 + BLOCK_W
-        n_q = tl.load(p_q + w1, mask=m_n[:, None, None] & ((w1 + o_w) < W)[None], other=0)
+        n_q = tl.load(p_q + w1, mask=m_n[:, None, None] & ((w1 + o_w) < stop)[None], other=0)
         m_ng = m_n[:, None] & ((w1 // WPG + o_g) < num_groups)[None, :]
         n_s = tl.load(s_ptr + p_s + w1 // WPG, mask=m_ng, other=0.0)
         n_o = tl.load(o_ptr + p_s + w1 // WPG, mask=m_ng, other=0.0) if HAS_OFFSETS else n_s
         b_s = b_s.to(tl.float32)
         b_o = b_o.to(tl.float32) if HAS_OFFSETS else tl.zeros_like(b_s)
-        m_w = (w0 + o_w) < W
+        m_w = (w0 + o_w) < stop
         for m in tl.static_range(M):
             part = tl.zeros((BLOCK_N, G, WPG), dtype=tl.float32)
             x_sum = tl.zeros((G, WPG), dtype=tl.float32)
@@ -178,9 +187,25 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, N, W, stri
     if M == 1:
         acc += tl.sum(acc1, axis=1)[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    p_y = y_ptr + o_m[:, None] * stride_ym + o_n[None, :]
-    tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=(o_m[:, None] < M) & m_n[None, :])
+        b_b = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.where(i_k == 0, b_b, 0.0)
+    m_y = (o_m[:, None] < M) & m_n[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr + o_m[:, None] * stride_ym + o_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_y)
+    else:  # fp32 partial sums part[i_k, m, n], added up in a fixed order by _split_sum_kernel (deterministic)
+        tl.store(part_ptr + (i_k * M + o_m[:, None]) * N + o_n[None, :], acc, mask=m_y)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, y_ptr, N, stride_ym, M: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """y[m, n] = sum over the SPLIT partial sums part[:, m, n]: grid (cdiv(N, BLOCK), M)."""
+    i_m = tl.program_id(1)
+    o_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    o_k = tl.arange(0, SPLIT_PAD)
+    p = part_ptr + (o_k[:, None] * M + i_m) * N + o_n[None, :]
+    b = tl.load(p, mask=(o_k < SPLIT)[:, None] & (o_n < N)[None, :], other=0.0)
+    tl.store(y_ptr + i_m * stride_ym + o_n, tl.sum(b, axis=0).to(y_ptr.dtype.element_ty), mask=o_n < N)
 
 
 @triton.jit
@@ -221,9 +246,11 @@ def _kernel_ok(qw: QuantWeight) -> bool:
     return 16 <= g <= 1024 and g & (g - 1) == 0
 
 
-def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given."""
+def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+          split: int | None = None) -> torch.Tensor:
+    """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given.
+    split: K-slices run as separate programs, then summed in a fixed order (default: TALL_SPLIT for one row of a
+    tall weight on CUDA, where N / BLOCK_N programs alone are too few to keep the memory busy; else 1)."""
     M, K = x.shape
     N = qw.shape[0]
     assert 1 <= M <= GEMV_MAX_ROWS and K == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
@@ -234,11 +261,17 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None,
     assert y.shape == (M, N) and y.stride(1) == 1
     s = qw.scales
     qw32 = qw.qweight.view(torch.int32)  # little-endian: byte j of a word holds codes 4j.. of the word, in k order
-    _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+    if split is None:
+        split = TALL_SPLIT if M == 1 and x.is_cuda and K >= 4 * N else 1
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
         x, qw32, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
-        s if bias is None else bias, y, N, qw32.shape[1], x.stride(0), qw32.stride(0), s.stride(0), y.stride(0),
-        M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None,
-        HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M))
+        s if bias is None else bias, y, part, N, qw32.shape[1], x.stride(0), qw32.stride(0), s.stride(0),
+        y.stride(0), M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None,
+        HAS_LUT=qw.lut is not None, HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M), SPLIT=split)
+    if split > 1:
+        _split_sum_kernel[(triton.cdiv(N, 1024), M)](part, y, N, y.stride(0), M=M, SPLIT=split,
+                                                     SPLIT_PAD=triton.next_power_of_2(split), BLOCK=1024)
     return y
 
 

@@ -65,6 +65,27 @@ def test_odd_shapes(bits, group, offsets, lut):
         check(qw, m, bias=True)
 
 
+@pytest.mark.parametrize("split", [2, 3, 8])
+@pytest.mark.parametrize("bits,group,offsets,lut", [(4, 32, True, False), (4, 16, False, True), (8, 32, True, False)])
+def test_split_k_slices_sum_to_the_reference(bits, group, offsets, lut, split):
+    """K cut into slices run as separate programs, partial sums added in a fixed order: uneven slices, slices past
+    the end of K (split 8 of 5 groups), bias added once, M = 1 and 3."""
+    qw = random_weight(37, 5 * group, bits, group, offsets, lut, seed=2)
+    for m in (1, 3):
+        g = torch.Generator().manual_seed(m)
+        x = torch.randn(m, qw.shape[1], generator=g).to(DEV)
+        b = torch.randn(qw.shape[0], generator=g).to(DEV)
+        out = torch.full((m, qw.shape[0]), float("nan"), device=DEV)
+        qgemv(x, qw, b, out=out, split=split)
+        assert_close(out, qlinear_ref(x, qw, b), torch.float32, matmul=True)
+
+
+def test_split_k_at_the_down_proj_shape():
+    qw = random_weight(5120, 25600, 4, 128, True, False)
+    x = torch.randn(1, 25600, generator=torch.Generator().manual_seed(0)).to(DEV)
+    assert_close(qgemv(x, qw, split=8), qlinear_ref(x, qw), torch.float32, matmul=True)
+
+
 def test_dequantize_kernel_writes_every_element():
     qw = random_weight(37, 5 * 32, 4, 32, True, False)
     out = torch.full((20, 160), float("nan"), device=DEV)
