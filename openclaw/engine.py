@@ -5,6 +5,7 @@ abort() calls from the edge that saw them.
 """
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,7 +51,8 @@ def eos_ids(gen: dict, extra: set[int] = frozenset()) -> set[int]:
 
 
 class Engine:
-    def __init__(self, model_dir: Path, config: EngineConfig, extra_eos: set[int] = frozenset()):
+    def __init__(self, model_dir: Path, config: EngineConfig, extra_eos: set[int] = frozenset(),
+                 progress: Callable[[str, int, int], None] | None = None):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -60,7 +62,8 @@ class Engine:
         # self.plan: the VRAM plan (openclaw.memory); the CPU has none
         self.model, self.plan = load_planned(model_dir, self.device, self.dtype, config.quantize, config.vram,
                                              config.max_batch_tokens, config.max_seqs,
-                                             ev.budget if ev.evicts else None, ev.divide_length, config.kv_tokens)
+                                             ev.budget if ev.evicts else None, ev.divide_length, config.kv_tokens,
+                                             progress)
         mc = self.model.config
         self.generation_config = generation_defaults(model_dir)
         self.sampling_defaults = sampling_defaults(self.generation_config)

@@ -56,7 +56,7 @@ class LLM:
         self.model_dir = resolve_model(config.model, config.cache_dir, progress=progress,
                                        quantized=config.quantize == "nf4")
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids)
+        self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids, progress=progress)
 
     @property
     def has_thinking_switch(self) -> bool:

@@ -8,7 +8,7 @@ It does not find or download models (openclaw.hub) or convert GGUF files (opencl
 """
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -159,10 +159,11 @@ def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = 
     return iter_quantized(model_dir, raw, device, nf4=nf4)
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> torch.nn.Module:
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: bool = False,
+               progress: Callable[[str, int, int], None] | None = None) -> torch.nn.Module:
     """The model with the checkpoint's weights on `device`: linear layers in dtype, or quantized (QuantLinear) when
     the checkpoint is (or nf4 asks to quantize it while loading); then embeddings and lm_head, and any tensor the
-    checkpoint left unquantized, become 8-bit."""
+    checkpoint left unquantized, become 8-bit. progress(what, done, total) counts the model's weights as they land."""
     model_dir = Path(model_dir)
     family, raw = read_config(model_dir)
     cfg = family.Qwen3Config.from_dict(raw)
@@ -175,6 +176,10 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     if quantized and cfg.tie_word_embeddings:
         del qmodules["lm_head.weight"]  # shares the embedding's weight, set below
     loaded: set[str] = set()
+    expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
+                for i in range(len(family.PACKED.get(pname.split(".")[-2], "x")))}
+    method = quant_method(raw)
+    what = "quantizing to NF4" if nf4 and method is None else f"loading {method} weights" if method else "loading"
     pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
     for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4):
         target = family.checkpoint_target(name)
@@ -207,10 +212,10 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
                                     f"{tuple(dst.shape)}; the config and the weights disagree")
             dst.copy_(tensor)
         loaded.add(f"{pname}#{max(index, 0)}")
+        if progress:
+            progress(what, len(loaded & expected), len(expected))
     if quantized and cfg.tie_word_embeddings:
         model.lm_head.qweight = model.model.embed_tokens.qweight
-    expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
-                for i in range(len(family.PACKED.get(pname.split(".")[-2], "x")))}
     missing = sorted(expected - loaded)
     if missing:
         raise OpenClawError(f"{model_dir}: {len(missing)} weights missing from the checkpoint "
@@ -220,7 +225,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
 
 def load_planned(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none",
                  vram: float | None = None, max_batch_tokens: int = 512, max_seqs: int = 1, kv_budget: int | None = None,
-                 divide_length: int = 128, kv_tokens: int | None = None) -> tuple[torch.nn.Module, object]:
+                 divide_length: int = 128, kv_tokens: int | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> tuple[torch.nn.Module, object]:
     """(model, VRAM plan or None on the CPU): load_model under the plan of openclaw.memory. On CUDA the plan comes
     first (refusing, before anything is loaded, what does not fit --vram; choosing NF4 for a full-precision checkpoint
     when quantize is auto and only NF4 fits) and caps the allocator; on the CPU quantize nf4 alone quantizes."""
@@ -231,7 +237,7 @@ def load_planned(model_dir: Path, device: torch.device, dtype: torch.dtype, quan
         plan, nf4 = gpu_plan(model_dir, Path(model_dir).name, device, dtype, vram, max_batch_tokens, max_seqs,
                              kv_budget, divide_length, kv_tokens, quantize)
         cap_allocator(plan, device)
-    model = load_model(model_dir, device, dtype, nf4=nf4)
+    model = load_model(model_dir, device, dtype, nf4=nf4, progress=progress)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand back conversion temporaries' segments before the pool takes the rest
     return model, plan

@@ -173,3 +173,18 @@ def test_engine_quantizes_to_nf4_at_load_when_asked(tmp_path):
     assert tokens == ids[len(prompt):]
     with pytest.raises(OpenClawError, match="quantize 'int3' must be one of auto, none, nf4"):
         EngineConfig(quantize="int3")
+
+
+def test_loading_reports_progress_over_every_weight(tmp_path):
+    """The loading bar counts the model's weights (fused parts separately) up to all of them, per format."""
+    from openclaw.loader import load_model
+
+    make_hf_model("qwen3", tmp_path / "hf")
+    quantized_copy(tmp_path / "hf", tmp_path / "q", group=32, mixed=True)
+    for src, nf4, what in [(tmp_path / "hf", False, "loading"), (tmp_path / "hf", True, "quantizing to NF4"),
+                           (tmp_path / "q", False, "loading openclaw weights")]:
+        calls = []
+        load_model(src, torch.device("cpu"), torch.float32, nf4=nf4, progress=lambda *a, calls=calls: calls.append(a))
+        assert {c[0] for c in calls} == {what}
+        done = [c[1] for c in calls]
+        assert done == sorted(done) and done[-1] == calls[-1][2] > 10
