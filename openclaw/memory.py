@@ -82,7 +82,8 @@ class Plan:
         rows = [("cap (--vram)", gib(self.cap)), ("CUDA context", gib(self.context)),
                 ("workspace", gib(self.workspace)), ("weights", f"{gib(self.weights)} ({self.weights:,} bytes)"),
                 *([("weight format", self.weight_format)] if self.weight_format else []),
-                ("activations (largest prefill chunk)", gib(self.activations)), ("KV pool", gib(self.kv_pool)),
+                ("activations (largest prefill chunk)", gib(self.activations)), ("KV pool", gib(self.kv_pool) if self.kv_pool >= 0
+                                                                 else f"none ({gib(-self.kv_pool)} short)"),
                 ("KV per token", f"{self.kv_bytes_per_token / 1024:.0f} KiB"), ("KV tokens", f"{self.kv_tokens:,}")]
         if self.kv_budget is not None:
             rows.append((f"sequences at budget {self.kv_budget} (+{self.divide_length} slots each)", str(self.seqs)))

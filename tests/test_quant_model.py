@@ -79,6 +79,7 @@ def test_plan_command_exits_2_when_it_does_not_fit(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "openclaw", "plan", "Qwen3-32B", "--vram", "12"],
                          capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "does not fit" in bad.stderr and "Traceback" not in bad.stderr
+    assert "GiB short" in bad.stdout and "-" not in bad.stdout.split("KV pool")[1].split("\n")[0]  # no negative pool
 
 
 def test_shape_mismatch_and_unknown_method_are_one_line_errors(tmp_path):
