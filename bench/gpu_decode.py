@@ -152,7 +152,7 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     for m in engine.model.modules():
         if isinstance(m, QuantLinear) and id(m.qweight) not in seen:
             seen.add(id(m.qweight))
-            read += m.qweight.nbytes
+            read += sum(p.nbytes for p in m.parts)
         elif isinstance(m, QuantEmbedding):
             read += m.qweight.nbytes // m.num_embeddings  # one row
     read += sum(p.numel() * p.element_size() for p in engine.model.parameters())  # norms

@@ -2,8 +2,10 @@
 plain-PyTorch reference.
 
 Layout of a weight W [N, K] (out, in): qweight uint8, bits=4: [N, K // 2] (low nibble = even k, high nibble = odd
-k), bits=8: [N, K]; scales fp16 [N, K // group]; offsets fp16 [N, K // group] or None; lut fp32 [16] or None.
-w[n, k] = c(q[n, k]) * scales[n, k // group] + offsets[n, k // group], c(q) = lut[q] if lut is not None else q.
+k), bits=8: [N, K]; scales fp16 [N, K // group]; offsets fp16 [N, K // group] or None; lut fp32 [16] or None; zero
+an integer code (default 0). w[n, k] = (c(q[n, k]) - zero) * scales[n, k // group] + offsets[n, k // group],
+c(q) = lut[q] if lut is not None else q: symmetric formats (GGUF Q4_0, Q5_0, Q6_K, Q8_0: w = d * (q - z)) need no
+offsets tensor, an implicit offset -zero * scale per group.
 It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
 """
 
@@ -34,6 +36,7 @@ class QuantWeight:
     bits: int
     group: int
     shape: tuple[int, int]
+    zero: int = 0
 
     def __post_init__(self) -> None:
         n, k = self.shape = tuple(self.shape)
@@ -45,6 +48,13 @@ class QuantWeight:
             f"scales {self.scales.dtype} {tuple(self.scales.shape)} must be float16 [{n}, {k // self.group}]"
         assert self.offsets is None or (self.offsets.dtype == torch.float16 and self.offsets.shape == self.scales.shape)
         assert self.lut is None or (self.lut.dtype == torch.float32 and tuple(self.lut.shape) == (16,) and self.bits == 4)
+        assert 0 <= self.zero < 1 << self.bits, f"zero {self.zero} must be a {self.bits}-bit code"
+
+    @property
+    def layout(self) -> tuple[int, int, bool, bool, int]:
+        """(bits, group, has offsets, has lut, zero): openclaw.weight_size.Layout's fields. Weights of one layout
+        stack into one (concat_rows) without widening."""
+        return self.bits, self.group, self.offsets is not None, self.lut is not None, self.zero
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +70,7 @@ class QuantWeight:
             return None if t is None else t.to(device)
 
         return QuantWeight(move(self.qweight), move(self.scales), move(self.offsets), move(self.lut), self.bits,
-                           self.group, self.shape)
+                           self.group, self.shape, self.zero)
 
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] (uint8)."""
@@ -73,6 +83,8 @@ class QuantWeight:
         """The weight [N, K] in dtype, computed in fp32 (the reference)."""
         c = self.codes()
         c = self.lut.to(c.device)[c.long()] if self.lut is not None else c.float()
+        if self.zero:
+            c = c - self.zero
         n, k = self.shape
         w = c.view(n, k // self.group, self.group) * self.scales.float()[..., None]
         if self.offsets is not None:
@@ -82,7 +94,7 @@ class QuantWeight:
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows W[ids] -> [len(ids), K] (an embedding lookup that never dequantizes the whole table)."""
         sub = QuantWeight(self.qweight[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
-                          self.lut, self.bits, self.group, (ids.numel(), self.shape[1]))
+                          self.lut, self.bits, self.group, (ids.numel(), self.shape[1]), self.zero)
         return sub.dequantize(dtype)
 
 
@@ -125,14 +137,15 @@ def _code_plus_one(b_q, i: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, part_ptr, N, W, stride_xm, stride_qn,
                   stride_sn, stride_ym, M: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
-                  SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                  HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
+                  M_PAD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * w[n, k] (+ bias) for m < M <= 8, reading the codes as int32 words (W per row; code
     i of word w is k = w * CPW + i): one program per BLOCK_N rows, looping over tiles of G whole groups, the next
     tile's words, scales and offsets loaded before the current one is computed.
 
     Per group: sum_k c_k x_k comes from f_k = 1 + c_k / 2^BITS as 2^BITS * (sum f_k x_k - sum x_k), so
-    sum_k w_k x_k = s * 2^BITS * sum f_k x_k + (o - s * 2^BITS) * sum x_k: one FMA per code, two per group."""
+    sum_k w_k x_k = s * 2^BITS * sum f_k x_k + (o - s * 2^BITS) * sum x_k: one FMA per code, two per group. The
+    zero code folds into the group's offset: o = offset - ZERO * s."""
     CPW: tl.constexpr = 32 // BITS  # codes per word
     WPG: tl.constexpr = GROUP // CPW  # words per group
     G: tl.constexpr = BLOCK_W // WPG  # groups per tile
@@ -162,6 +175,8 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, y_ptr, part_ptr, 
         n_o = tl.load(o_ptr + p_s + w1 // WPG, mask=m_ng, other=0.0) if HAS_OFFSETS else n_s
         b_s = b_s.to(tl.float32)
         b_o = b_o.to(tl.float32) if HAS_OFFSETS else tl.zeros_like(b_s)
+        if ZERO != 0:
+            b_o -= ZERO * b_s
         m_w = (w0 + o_w) < stop
         for m in tl.static_range(M):
             part = tl.zeros((BLOCK_N, G, WPG), dtype=tl.float32)
@@ -211,7 +226,7 @@ def _split_sum_kernel(part_ptr, y_ptr, N, stride_ym, M: tl.constexpr, SPLIT: tl.
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
     """w[n, k] for one group column and BLOCK_N rows per program: grid (cdiv(N, BLOCK_N), K // GROUP)."""
     CPB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = GROUP // CPB
@@ -235,10 +250,10 @@ def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, strid
         else:
             w_lo = c_lo.to(tl.float32)
             w_hi = c_hi.to(tl.float32)
-        tl.store(p_w, (w_lo * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
-        tl.store(p_w + 1, (w_hi * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        tl.store(p_w, ((w_lo - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        tl.store(p_w + 1, ((w_hi - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
     else:
-        tl.store(p_w, (b_q.to(tl.float32) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        tl.store(p_w, ((b_q.to(tl.float32) - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
 
 
 def _kernel_ok(qw: QuantWeight) -> bool:
@@ -268,7 +283,8 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, ou
         x, qw32, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
         s if bias is None else bias, y, part, N, qw32.shape[1], x.stride(0), qw32.stride(0), s.stride(0),
         y.stride(0), M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None,
-        HAS_LUT=qw.lut is not None, HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M), SPLIT=split)
+        HAS_LUT=qw.lut is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, M_PAD=triton.next_power_of_2(M),
+        SPLIT=split)
     if split > 1:
         _split_sum_kernel[(triton.cdiv(N, 1024), M)](part, y, N, y.stride(0), M=M, SPLIT=split,
                                                      SPLIT_PAD=triton.next_power_of_2(split), BLOCK=1024)
@@ -288,7 +304,8 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype, rows: tuple[int, int] | None
     _dequant_kernel[(triton.cdiv(N, block_n), K // qw.group)](
         qw.qweight[start:stop], s, s if qw.offsets is None else qw.offsets[start:stop],
         s if qw.lut is None else qw.lut, w, N, K, qw.qweight.stride(0), s.stride(0), w.stride(0), BITS=qw.bits,
-        GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None, BLOCK_N=block_n)
+        GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None, ZERO=qw.zero,
+        BLOCK_N=block_n)
     return w
 
 
@@ -318,6 +335,28 @@ def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) 
     return y.view(*x.shape[:-1], N)
 
 
+def qlinear_parts(x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x.dtype through weights stacked along N that keep their own layouts (q/k/v of
+    different GGUF types, where one concat_rows would widen all of them to the widest): up to GEMV_MAX_ROWS rows, one
+    fused GEMV per part into its columns of one output; more, one qlinear per part. bias: [N], split likewise."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    sizes = [p.shape[0] for p in parts]
+    biases = [None] * len(parts) if bias is None else bias.split(sizes)
+    M, N = x2.shape[0], sum(sizes)
+    if 1 <= M <= GEMV_MAX_ROWS and all(_kernel_ok(p) for p in parts):
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        start = 0
+        for p, b in zip(parts, biases, strict=True):
+            qgemv(x2, p, b, out=y[:, start:start + p.shape[0]])
+            start += p.shape[0]
+    else:
+        y = torch.cat([qlinear(x2, p, b) for p, b in zip(parts, biases, strict=True)], dim=1)
+    return y.view(*x.shape[:-1], N)
+
+
 def qlinear_ref(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The oracle: dequantize in fp32 and matmul in fp32 -> [..., N] fp32."""
     y = x.float() @ qw.dequantize(torch.float32).T
@@ -333,25 +372,30 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
-    """Stack weights along N (q/k/v into qkv). Parts of different layouts meet in the widest one: 8-bit codes if
-    any part has them, the smallest group (scales repeated), offsets where any part has them (zeros elsewhere)."""
+    """Stack weights along N (q/k/v into qkv): exact, and no larger than the parts, when they share one layout (the
+    loader fuses only those). Parts of different layouts meet in the widest one: 8-bit codes if any part has them,
+    the smallest group (scales repeated), offsets where any part has them (zeros elsewhere); parts of different zero
+    codes get offsets -zero * scale (+ their own offsets, rounded to float16 once) and zero 0."""
     if len({None if p.lut is None else tuple(p.lut.tolist()) for p in parts}) > 1:
         raise ValueError("cannot fuse weights with different code tables (lut)")
     k = parts[0].shape[1]
     assert all(p.shape[1] == k for p in parts), f"parts disagree on K: {[p.shape for p in parts]}"
     bits = max(p.bits for p in parts)
     group = min(p.group for p in parts)
-    any_offsets = any(p.offsets is not None for p in parts)
+    zero = parts[0].zero if len({p.zero for p in parts}) == 1 else 0
+    any_offsets = any(p.offsets is not None or p.zero != zero for p in parts)
     qweights, scales, offsets = [], [], []
     for p in parts:
         qweights.append(p.qweight if p.bits == bits else pack_codes(p.codes(), bits))
         scales.append(p.scales.repeat_interleave(p.group // group, dim=1))
         if any_offsets:
             o = p.offsets if p.offsets is not None else torch.zeros_like(p.scales)
+            if p.zero != zero:
+                o = (o.float() - p.zero * p.scales.float()).half()
             offsets.append(o.repeat_interleave(p.group // group, dim=1))
     n = sum(p.shape[0] for p in parts)
     return QuantWeight(torch.cat(qweights), torch.cat(scales), torch.cat(offsets) if any_offsets else None,
-                       parts[0].lut, bits, group, (n, k))
+                       parts[0].lut, bits, group, (n, k), zero)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int = 4, group: int = 128, device: torch.device | str | None = None,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from openclaw.kernels.decode_attention import decode_attention
 from openclaw.kernels.decode_ops import add_rmsnorm
-from openclaw.kernels.qlinear import qlinear
+from openclaw.kernels.qlinear import QuantWeight, qlinear, qlinear_parts
 from torch import nn
 
 
@@ -227,19 +227,31 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 class QuantLinear(nn.Module):
-    """A linear layer over a group-quantized weight (openclaw.kernels.qlinear.QuantWeight), set by the loader.
+    """A linear layer over a group-quantized weight (openclaw.kernels.qlinear.QuantWeight), set by the loader: one
+    QuantWeight, or a list of them stacked along N in output order when a fused projection's parts have different
+    layouts (a GGUF Q4_K_M's Q4_K q/k and Q6_K v), each kept in its own.
 
-    On CUDA the Triton kernels run (fused GEMV for decode, dequantize + cuBLAS for prefill); on the CPU the weight
-    is dequantized to x's dtype on every call (the reference), so the CPU engine runs quantized checkpoints too.
+    On CUDA the Triton kernels run (fused GEMV for decode, dequantize + cuBLAS for prefill; per part for a list); on
+    the CPU the weight is dequantized to x's dtype on every call (the reference), so the CPU engine runs quantized
+    checkpoints too.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.qweight = None  # QuantWeight [out_features, in_features], set by the loader
+        self.qweight = None  # QuantWeight [out_features, in_features] or a list of row blocks, set by the loader
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+    @property
+    def parts(self) -> list[QuantWeight]:
+        """The weight as row blocks in output order (one, unless the loader kept parts of different layouts)."""
+        return self.qweight if isinstance(self.qweight, list) else [self.qweight]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.qweight, list):
+            if x.is_cuda:
+                return qlinear_parts(x, self.qweight, self.bias)
+            return F.linear(x, torch.cat([p.dequantize(x.dtype) for p in self.qweight]), self.bias)
         if x.is_cuda:
             return qlinear(x, self.qweight, self.bias)
         return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)

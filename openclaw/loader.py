@@ -109,7 +109,7 @@ _QPARTS = ("qweight", "scales", "offsets", "lut")
 def _internal_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """Our own quantized layout on disk (quant_method "openclaw", written by save_quantized): each quantized weight
     is NAME.qweight / .scales / [.offsets] / [.lut] in one file, whose metadata "openclaw.quant" holds
-    {NAME: [bits, group, N, K]}."""
+    {NAME: [bits, group, N, K, zero]} (files written before the zero code existed list 4 numbers: zero 0)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for path, name, tensor, meta in _safetensors(model_dir):
         layouts = json.loads(meta.get("openclaw.quant", "{}"))
@@ -121,10 +121,10 @@ def _internal_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | Qua
         have = parts[base]
         if set(have) >= set(layouts[f"{base}#parts"]):
             del parts[base]
-            bits, group, n, k = layouts[base]
+            bits, group, n, k, *zero = layouts[base]
             try:
                 yield base, QuantWeight(have["qweight"], have["scales"], have.get("offsets"), have.get("lut"), bits,
-                                        group, (n, k))
+                                        group, (n, k), *zero)
             except AssertionError as e:
                 raise OpenClawError(f"{path.name}: quantized tensor {base} is malformed ({e})")
     if parts:
@@ -137,7 +137,7 @@ def save_quantized(path: Path, tensors: dict[str, torch.Tensor | QuantWeight]) -
     for name, t in tensors.items():
         if isinstance(t, QuantWeight):
             present = [p for p in _QPARTS if getattr(t, p) is not None]
-            layouts[name] = [t.bits, t.group, *t.shape]
+            layouts[name] = [t.bits, t.group, *t.shape, t.zero]
             layouts[f"{name}#parts"] = present
             flat.update({f"{name}.{p}": getattr(t, p).contiguous().cpu() for p in present})
         else:
@@ -199,7 +199,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
                 parts = pending.setdefault(pname, {})
                 parts[index] = qw
                 if len(parts) == nparts:
-                    _set_quantized(module, concat_rows([parts[i] for i in range(nparts)]).to(device), dtype)
+                    _set_quantized(module, _fuse([parts[i] for i in range(nparts)], device), dtype)
                     del pending[pname]
         else:
             if isinstance(tensor, QuantWeight):
@@ -260,7 +260,16 @@ def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | Non
     return quantize_rtn(tensor, 8, rtn_group(shape[1]), device=device)
 
 
-def _set_quantized(module: torch.nn.Module, qw: QuantWeight, dtype: torch.dtype) -> None:
+def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[QuantWeight]:
+    """A fused module's parts (q/k/v, gate/up) on `device`: stacked into one weight (one GEMV) when they share a
+    layout, else kept as they are (QuantLinear runs one GEMV per part), so no part is widened to another's layout.
+    openclaw.weight_size.quantized_weight_bytes counts by the same rule."""
+    if len({p.layout for p in parts}) == 1:
+        return concat_rows(parts).to(device)
+    return [p.to(device) for p in parts]
+
+
+def _set_quantized(module: torch.nn.Module, qw: QuantWeight | list[QuantWeight], dtype: torch.dtype) -> None:
     module.qweight = qw
     if isinstance(module, QuantEmbedding):
         module.dtype = dtype

@@ -126,15 +126,17 @@ def plan(cfg: dict, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dty
 
 
 def loaded_bytes(model) -> int:
-    """What a loaded model holds: its parameters and buffers plus every QuantWeight (shared ones once)."""
+    """What a loaded model holds: its parameters and buffers plus every QuantWeight, also those of a QuantLinear
+    kept in parts (shared ones once)."""
     from openclaw.kernels.qlinear import QuantWeight
 
     seen, total = set(), 0
     tensors = [*model.parameters(), *model.buffers()]
     for m in model.modules():
-        qw = getattr(m, "qweight", None)
-        if isinstance(qw, QuantWeight):
-            tensors += [t for t in (qw.qweight, qw.scales, qw.offsets, qw.lut) if t is not None]
+        qws = getattr(m, "qweight", None)
+        for qw in qws if isinstance(qws, list) else [qws]:
+            if isinstance(qw, QuantWeight):
+                tensors += [t for t in (qw.qweight, qw.scales, qw.offsets, qw.lut) if t is not None]
     for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
@@ -142,9 +144,8 @@ def loaded_bytes(model) -> int:
     return total
 
 
-GGUF_HINT = ("; GGUF Q5_0/Q6_K/Q8_0 tensors, and q/k/v or gate/up fused with one, keep 8-bit codes here (Q6_K: 10 bits "
-             "per weight, Q4_K: 5), so a Q4_K_M file is larger than on disk: the AWQ checkpoint or a Q4_0 file is "
-             "smaller")
+GGUF_HINT = ("; GGUF Q5_0/Q6_K/Q8_0 tensors keep 8-bit codes here (Q6_K: 9 bits per weight, Q4_K: 5, Q4_0: 4.5), so "
+             "a Q4_K_M file is larger than on disk: the AWQ checkpoint or a Q4_0 file is smaller")
 
 
 def weight_plan(raw: dict, weights_at: Callable[[bool], int], make: Callable[[int], Plan], quantize: str,

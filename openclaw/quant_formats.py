@@ -64,8 +64,8 @@ def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu
     embeddings, lm_head, modules the format left unquantized) as the plain tensor in its stored dtype.
 
     The loader's hook (openclaw.loader.checkpoint_tensors). Names are unfused (q_proj, k_proj, ...): the loader
-    stacks parts with concat_rows. AWQ and bitsandbytes parts of one layer always share bits and group; GGUF parts
-    may not (Q4_K_M keeps attn_v / ffn_down in Q6_K), and concat_rows widens those to 8-bit codes, group 16.
+    stacks parts of one layout with concat_rows. AWQ and bitsandbytes parts of one layer always share it; GGUF parts
+    may not (Q4_K_M keeps some attn_v / ffn_down in Q6_K), and those stay separate weights of one QuantLinear.
     `nf4=True` quantizes an unquantized checkpoint's decoder-layer linear weights to NF4 (bitsandbytes' layout,
     group 64) as they stream by: on CUDA with bitsandbytes when it is installed, else in plain torch, same codes.
     A weight bitsandbytes stored in blocks that straddle rows (in_features not a multiple of its blocksize) comes

@@ -2,8 +2,9 @@
 
 Q4_0, Q4_1 and Q4_K go to 4-bit codes, Q5_0, Q6_K and Q8_0 to 8-bit codes; group = the format's (sub-)block:
 32, or 16 for Q6_K. Codes are copied exactly; scales and offsets are float16: exact for Q4_0/Q4_1/Q5_0/Q8_0
-(d, m and -8d, -16d, -128d are float16 already), one rounding of the sub-block products d * sc and dmin * m
-for Q4_K and Q6_K. It does not read metadata or tokenizers (openclaw.gguf_import does).
+(d and m are float16 already), one rounding of the sub-block products d * sc and dmin * m for Q4_K and Q6_K.
+The symmetric types (w = d * (q - z): Q4_0, Q5_0, Q6_K, Q8_0) keep no offsets, only their zero code z.
+It does not read metadata or tokenizers (openclaw.gguf_import does).
 """
 
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ from openclaw.kernels.qlinear import QuantWeight
 from openclaw.weight_size import Layout
 
 Q = gguf.GGMLQuantizationType
-# GGUF type -> (bits of our container, group)
-REPACKED = {Q.Q4_0: (4, 32), Q.Q4_1: (4, 32), Q.Q4_K: (4, 32), Q.Q5_0: (8, 32), Q.Q6_K: (8, 16), Q.Q8_0: (8, 32)}
+# GGUF type -> our layout: bits of the container, group, offsets (asymmetric types), zero code (symmetric ones)
+REPACKED = {Q.Q4_0: Layout(4, 32, False, False, 8), Q.Q4_1: Layout(4, 32, True, False),
+            Q.Q4_K: Layout(4, 32, True, False), Q.Q5_0: Layout(8, 32, False, False, 16),
+            Q.Q6_K: Layout(8, 16, False, False, 32), Q.Q8_0: Layout(8, 32, False, False, 128)}
 
 
 def iter_gguf(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
@@ -62,10 +65,7 @@ def gguf_tensor_layouts(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ..
     tensors = []
     for t, name, _ in _tensor_plan(reader, arch, path, config):
         shape = tuple(int(d) for d in reversed(t.shape))
-        layout = None
-        if len(shape) == 2 and t.tensor_type in REPACKED:
-            layout = Layout(*REPACKED[t.tensor_type], offsets=True, lut=False)  # every unpacker returns offsets
-        tensors.append((name, shape, layout))
+        tensors.append((name, shape, REPACKED.get(t.tensor_type) if len(shape) == 2 else None))
     return config, tensors
 
 
@@ -73,7 +73,7 @@ def _permute_rows(qw: QuantWeight, rows: np.ndarray) -> QuantWeight:
     """Reorder whole rows (output features): exact, since every row has its own codes, scales and offsets."""
     idx = torch.from_numpy(rows).to(qw.device)
     return QuantWeight(qw.qweight[idx], qw.scales[idx], None if qw.offsets is None else qw.offsets[idx], qw.lut,
-                       qw.bits, qw.group, qw.shape)
+                       qw.bits, qw.group, qw.shape, qw.zero)
 
 
 def gguf_to_quant(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int],
@@ -87,12 +87,13 @@ def gguf_to_quant(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType,
                             f"{list(data.shape)} bytes instead of [{n}, {k // block * size}]; the file is corrupt")
     b = torch.from_numpy(np.array(data)).to(device).view(-1, size)  # one row of blocks per block
     packed, scales, offsets = _UNPACK[qtype](b)
-    bits, group = REPACKED[qtype]
-    scales, offsets = scales.reshape(n, k // group), offsets.reshape(n, k // group)
-    if not (torch.isfinite(scales).all() and torch.isfinite(offsets).all()):
+    lay = REPACKED[qtype]
+    scales = scales.reshape(n, k // lay.group).contiguous()
+    offsets = None if offsets is None else offsets.reshape(n, k // lay.group).contiguous()
+    if not (torch.isfinite(scales).all() and (offsets is None or torch.isfinite(offsets).all())):
         raise OpenClawError(f"GGUF tensor {name} has scales beyond float16's range; the file is corrupt")
-    return QuantWeight(packed.reshape(n, k * bits // 8), scales.contiguous(), offsets.contiguous(), None, bits, group,
-                       (n, k))
+    return QuantWeight(packed.reshape(n, k * lay.bits // 8), scales, offsets, None, lay.bits, lay.group, (n, k),
+                       lay.zero)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -112,10 +113,10 @@ def _renibble(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat(((even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)), dim=-1)
 
 
-# Each unpacker: blocks uint8 [nb, block bytes] -> (our packed bytes, scales, offsets as float16 [nb, groups]).
+# Each unpacker: blocks uint8 [nb, block bytes] -> (our packed bytes, scales, offsets as float16 [nb, groups]; None
+# for the symmetric types, whose REPACKED layout has the zero code instead).
 def _q4_0(b):
-    d = _f16(b[:, :2])[:, None]
-    return _renibble(b[:, 2:]), d.half(), (-8 * d).half()
+    return _renibble(b[:, 2:]), _f16(b[:, :2])[:, None].half(), None
 
 
 def _q4_1(b):
@@ -123,15 +124,13 @@ def _q4_1(b):
 
 
 def _q5_0(b):
-    d = _f16(b[:, :2])[:, None]
     bit = torch.arange(32, device=b.device)
     high = (b[:, 2:6][:, bit // 8] >> (bit % 8).to(torch.uint8)) & 1  # qh: 32 little-endian bits, one per element
-    return _nibbles(b[:, 6:]).view(-1, 32) | (high << 4), d.half(), (-16 * d).half()
+    return _nibbles(b[:, 6:]).view(-1, 32) | (high << 4), _f16(b[:, :2])[:, None].half(), None
 
 
 def _q8_0(b):
-    d = _f16(b[:, :2])[:, None]
-    return b[:, 2:] ^ 0x80, d.half(), (-128 * d).half()  # int8 q + 128 as a byte: its sign bit flipped
+    return b[:, 2:] ^ 0x80, _f16(b[:, :2])[:, None].half(), None  # int8 q + 128 as a byte: its sign bit flipped
 
 
 def _q4_k(b):
@@ -149,8 +148,7 @@ def _q6_k(b):
     low = _nibbles(ql.reshape(-1, 2, 64)).reshape(-1, 256)  # halves of 128: low nibbles of 64 bytes, then high
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)
     high = ((qh.reshape(-1, 2, 1, 32) >> shifts[:, None]) & 3).reshape(-1, 256)
-    scale = (d * sc.contiguous().view(torch.int8).float()).half()
-    return low | (high << 4), scale, (-32 * scale.float()).half()
+    return low | (high << 4), (d * sc.contiguous().view(torch.int8).float()).half(), None
 
 
 _UNPACK = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q8_0: _q8_0, Q.Q4_K: _q4_k, Q.Q6_K: _q6_k}

@@ -10,12 +10,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Layout:
-    """How one quantized weight is stored (kernels/qlinear.py): bits per code, group, offsets, a 16-entry lut."""
+    """How one quantized weight is stored (kernels/qlinear.py): bits per code, group, offsets, a 16-entry lut, the
+    zero code (QuantWeight.layout's fields). The zero costs no bytes, but parts of different layouts are not fused."""
 
     bits: int
     group: int
     offsets: bool
     lut: bool
+    zero: int = 0
 
     def nbytes(self, n: int, k: int) -> int:
         groups = n * (k // self.group)
@@ -84,9 +86,9 @@ def weight_bytes(cfg: dict, dtype_bytes: int, layout: Layout | None) -> int:
 def quantized_weight_bytes(tensors: list[tuple[str, tuple[int, ...], Layout | None]], dtype_bytes: int,
                            tied: bool) -> int:
     """Bytes the loader allocates for a quantized model, from its checkpoint tensors (HF name, shape, Layout; None
-    for a full-precision one): parts fused into one module (q/k/v, gate/up) meet in the widest layout, as
-    kernels.qlinear.concat_rows stacks them (most bits, smallest group, offsets if any part has them); full-precision
-    2-D weights become 8-bit; 1-D tensors (norms, biases) stay in the dtype."""
+    for a full-precision one): parts fused into one module (q/k/v, gate/up) are stacked into one weight when they
+    share a layout, else kept apart, each in its own (the loader's rule, openclaw.loader._fuse; one lut for a stack);
+    full-precision 2-D weights become 8-bit; 1-D tensors (norms, biases) stay in the dtype."""
     from openclaw.models.qwen3 import checkpoint_target
 
     total, fused = 0, {}
@@ -104,10 +106,10 @@ def quantized_weight_bytes(tensors: list[tuple[str, tuple[int, ...], Layout | No
         else:
             fused.setdefault(target, []).append((shape, layout))
     for parts in fused.values():
-        layouts = [lay for _, lay in parts]
-        wide = Layout(max(lay.bits for lay in layouts), min(lay.group for lay in layouts),
-                      any(lay.offsets for lay in layouts), any(lay.lut for lay in layouts))
-        total += wide.nbytes(sum(shape[0] for shape, _ in parts), parts[0][0][1])
+        if len({lay for _, lay in parts}) == 1:
+            total += parts[0][1].nbytes(sum(shape[0] for shape, _ in parts), parts[0][0][1])
+        else:
+            total += sum(lay.nbytes(*shape) for shape, lay in parts)
     return total
 
 
@@ -142,7 +144,7 @@ def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int, nf4: bool = False
                 base, _, part = name.rpartition(".")
                 if f"{base}#parts" in layouts:
                     if part == "qweight":
-                        bits, group, n, k = layouts[base]
+                        bits, group, n, k, *_ = layouts[base]  # then the zero code, which costs nothing
                         parts = layouts[f"{base}#parts"]
                         total += Layout(bits, group, "offsets" in parts, "lut" in parts).nbytes(n, k)
                     continue

@@ -1,6 +1,7 @@
 """kernels/qlinear.py: the fused dequantize + GEMV and the prefill path against the fp32 reference (Triton's
 interpreter on the CPU, the real kernels on CUDA), on tiny, odd and real Qwen3-32B shapes, 4 and 8 bits, with and
-without offsets and a code table; plus the layout helpers (packing, fusing, RTN)."""
+without offsets, a zero code and a code table; weights kept in parts of different layouts; plus the layout helpers
+(packing, fusing, RTN)."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from openclaw.kernels.qlinear import (
     pack_codes,
     qgemv,
     qlinear,
+    qlinear_parts,
     qlinear_ref,
     quantize_rtn,
 )
@@ -24,14 +26,15 @@ NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 
 QWEN3_32B = [(8192, 5120), (25600, 5120), (5120, 25600)]  # (N, K): q_proj, gate/up, down_proj
 
 
-def random_weight(n: int, k: int, bits: int, group: int, offsets: bool, lut: bool, seed: int = 0) -> QuantWeight:
+def random_weight(n: int, k: int, bits: int, group: int, offsets: bool, lut: bool, seed: int = 0,
+                  zero: int = 0) -> QuantWeight:
     """Random codes and scales in the layout (not a quantized matrix: the kernel must not care)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2 ** bits, (n, k), generator=g)
     scales = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).half()
     offs = (torch.randn(n, k // group, generator=g) * 0.05).half() if offsets else None
     return QuantWeight(pack_codes(codes, bits), scales, offs, NF4.clone() if lut else None, bits, group,
-                       (n, k)).to(DEV)
+                       (n, k), zero).to(DEV)
 
 
 def check(qw: QuantWeight, m: int, dtype=torch.float32, bias: bool = False) -> None:
@@ -46,23 +49,36 @@ def check(qw: QuantWeight, m: int, dtype=torch.float32, bias: bool = False) -> N
     assert_close(qlinear(x, qw, b), ref, dtype, matmul=True)
 
 
-LAYOUTS = [(4, 16, True, False), (4, 32, False, True), (4, 64, True, False), (4, 128, False, False),
-           (8, 16, True, False), (8, 32, False, False), (8, 128, True, False)]
+# (bits, group, offsets, lut, zero): zero codes as the symmetric GGUF types have them (Q4_0 8, Q6_K 32, Q8_0 128),
+# and with offsets or a lut too
+LAYOUTS = [(4, 16, True, False, 0), (4, 32, False, True, 0), (4, 64, True, False, 0), (4, 128, False, False, 0),
+           (8, 16, True, False, 0), (8, 32, False, False, 0), (8, 128, True, False, 0), (4, 32, False, False, 8),
+           (4, 16, True, True, 5), (8, 16, False, False, 32), (8, 32, False, False, 128), (8, 64, True, False, 16)]
 
 
-@pytest.mark.parametrize("bits,group,offsets,lut", LAYOUTS)
-def test_tiny(bits, group, offsets, lut):
-    qw = random_weight(8, 2 * group, bits, group, offsets, lut)
+@pytest.mark.parametrize("bits,group,offsets,lut,zero", LAYOUTS)
+def test_tiny(bits, group, offsets, lut, zero):
+    qw = random_weight(8, 2 * group, bits, group, offsets, lut, zero=zero)
     for m in (1, 2, 8):
         check(qw, m)
 
 
-@pytest.mark.parametrize("bits,group,offsets,lut", LAYOUTS)
-def test_odd_shapes(bits, group, offsets, lut):
+@pytest.mark.parametrize("bits,group,offsets,lut,zero", LAYOUTS)
+def test_odd_shapes(bits, group, offsets, lut, zero):
     """5 rows and 3 groups: every tile is partial; M = 3, 8, 13 (two launches) and 40 (the prefill path)."""
-    qw = random_weight(5, 3 * group, bits, group, offsets, lut, seed=1)
+    qw = random_weight(5, 3 * group, bits, group, offsets, lut, seed=1, zero=zero)
     for m in (3, 8, 13, 40):
         check(qw, m, bias=True)
+
+
+def test_zero_code_is_an_implicit_offset():
+    """The reference: zero z without offsets is the layout with offsets -z * scale (GGUF's w = d * (q - z))."""
+    qw = random_weight(6, 64, 8, 16, False, False, zero=32).to("cpu")
+    explicit = QuantWeight(qw.qweight, qw.scales, (-32 * qw.scales.float()).half(), None, 8, 16, qw.shape)
+    assert torch.equal(qw.dequantize(), explicit.dequantize())
+    assert torch.equal(qw.rows(torch.tensor([4, 1]), torch.float32), explicit.dequantize()[[4, 1]])
+    with pytest.raises(AssertionError, match="zero 16 must be a 4-bit code"):
+        QuantWeight(qw.qweight[:, :32], qw.scales, None, None, 4, 16, qw.shape, 16)
 
 
 @pytest.mark.parametrize("split", [2, 3, 8])
@@ -86,8 +102,9 @@ def test_split_k_at_the_down_proj_shape():
     assert_close(qgemv(x, qw, split=8), qlinear_ref(x, qw), torch.float32, matmul=True)
 
 
-def test_dequantize_kernel_writes_every_element():
-    qw = random_weight(37, 5 * 32, 4, 32, True, False)
+@pytest.mark.parametrize("bits,offsets,zero", [(4, True, 0), (4, False, 8), (8, False, 128), (8, True, 32)])
+def test_dequantize_kernel_writes_every_element(bits, offsets, zero):
+    qw = random_weight(37, 5 * 32, bits, 32, offsets, False, zero=zero)
     out = torch.full((20, 160), float("nan"), device=DEV)
     dequantize(qw, torch.float32, rows=(10, 30), out=out)
     assert_close(out, qw.dequantize()[10:30], torch.float32)
@@ -118,6 +135,43 @@ def test_concat_rows_widens_mixed_layouts():
     fused = concat_rows([a, b])
     assert (fused.bits, fused.group, fused.shape) == (8, 16, (5, 64))
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+
+
+def test_concat_rows_of_one_layout_keeps_it_and_materializes_different_zeros():
+    """Q4_K-like q and k stack as they are; a Q4_0-like part (zero 8) with a zero-0 part gets offsets -8 * scale."""
+    a = random_weight(3, 64, 4, 32, True, False).to("cpu")
+    b = random_weight(2, 64, 4, 32, True, False, seed=1).to("cpu")
+    fused = concat_rows([a, b])
+    assert fused.layout == a.layout and fused.nbytes == a.nbytes + b.nbytes
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    c = random_weight(2, 64, 4, 32, False, False, seed=2, zero=8).to("cpu")
+    d = random_weight(2, 64, 4, 32, False, False, seed=3).to("cpu")
+    for parts in ([c, d], [c, a], [c, c]):
+        fused = concat_rows(parts)
+        assert fused.zero == (8 if parts[1] is c else 0) and (fused.offsets is None) == (parts[1] is c)
+        assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def mixed_parts() -> list[QuantWeight]:
+    """q/k/v of a GGUF Q4_K_M layer in miniature: Q4_K-like q and k, a Q6_K-like v (8-bit, group 16, zero 32)."""
+    return [random_weight(7, 96, 4, 32, True, False, seed=4), random_weight(3, 96, 4, 32, True, False, seed=5),
+            random_weight(5, 96, 8, 16, False, False, seed=6, zero=32)]
+
+
+def test_weights_kept_in_parts_equal_their_stack():
+    """One GEMV per part into its columns of one output (M = 1, 3, 2 x 4), one qlinear per part beyond (13, 40)."""
+    parts = mixed_parts()
+    w = torch.cat([p.dequantize() for p in parts])
+    for shape in [(1,), (3,), (2, 4), (13,), (40,)]:
+        g = torch.Generator().manual_seed(len(shape) + shape[0])
+        x = torch.randn(*shape, 96, generator=g).to(DEV)
+        b = torch.randn(15, generator=g).to(DEV)
+        assert_close(qlinear_parts(x, parts, b), x @ w.T + b, torch.float32, matmul=True)
+    layer = QuantLinear(96, 15, bias=True)
+    layer.qweight, layer.bias = [p.to("cpu") for p in parts], torch.nn.Parameter(b.cpu())
+    assert [p.layout for p in layer.parts] == [p.layout for p in parts]
+    x = torch.randn(4, 96)
+    assert_close(layer(x), x @ w.cpu().T + b.cpu(), torch.float32)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
