@@ -26,17 +26,23 @@ REPACKED = {Q.Q4_0: Layout(4, 32, False, False, 8), Q.Q4_1: Layout(4, 32, True, 
             Q.Q6_K: Layout(8, 16, False, False, 32), Q.Q8_0: Layout(8, 32, False, False, 128)}
 
 
+def _open_supported(path: Path, missing_hint: str = "") -> tuple[object, str]:
+    """(reader, architecture) of a GGUF file of an architecture we import; one-line errors otherwise."""
+    if not path.is_file():
+        raise OpenClawError(f"GGUF file {path} does not exist {missing_hint}".rstrip())
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}.")
+    return reader, arch
+
+
 def iter_gguf(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
     """Every tensor of a llama / qwen2 / qwen3 GGUF file by its HF name, one at a time, on `device`: 2-D weights of
     the REPACKED types as QuantWeight (llama's Q/K rows un-permuted), others (norms, F16/F32, types we do not
     repack) dequantized by the gguf package to float32 tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise OpenClawError(f"GGUF file {path} does not exist (a moved or deleted source file?); import it again")
-    reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}.")
+    reader, arch = _open_supported(path, "(a moved or deleted source file?); import it again")
     for t, name, heads in _tensor_plan(reader, arch, path, _config(reader, arch, path)):
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest dimension first
         try:
@@ -55,12 +61,7 @@ def gguf_tensor_layouts(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ..
     """(the HF config, every tensor as (HF name, shape, our Layout or None when it loads in full precision)) of a
     GGUF file, from its header alone: what the memory planner needs to count the bytes iter_gguf will produce."""
     path = Path(path)
-    if not path.is_file():
-        raise OpenClawError(f"GGUF file {path} does not exist")
-    reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}.")
+    reader, arch = _open_supported(path)
     config = _config(reader, arch, path)
     tensors = []
     for t, name, _ in _tensor_plan(reader, arch, path, config):
