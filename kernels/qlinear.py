@@ -16,12 +16,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .gemv4 import _q4gemv_kernel
+
 GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; up to GEMV_CHUNKED_ROWS rows run as several launches
 GEMV_CHUNKED_ROWS = 32  # above this the weight is dequantized to x.dtype in chunks and multiplied by torch
-# K-slices for one row of a tall weight (K >= 4 N: down_proj). bench/gemv_lab.py's split-K variant ran
-# 5120 x 25600 in 49 us instead of 66 on the H200; this kernel's split path is checked only in the interpreter so
-# far, so it stays 1 until bench/gpu_decode.py (which times split 1 and 8) has measured it on the GPU
-TALL_SPLIT = 1
+GEMV4 = True  # False routes one-row GEMVs to the fp32 kernel (bench/gpu_decode.py times both)
 DEQUANT_CHUNK_BYTES = 64 << 20  # the prefill path's dequantized-weight workspace (the memory planner counts it)
 
 
@@ -261,11 +260,22 @@ def _kernel_ok(qw: QuantWeight) -> bool:
     return 16 <= g <= 1024 and g & (g - 1) == 0
 
 
+def _gemv4_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
+    return x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None and qw.group % 32 == 0
+
+
+def gemv4_split(n: int, k: int) -> int:
+    """K-slices for kernels/gemv4.py on an N x K weight: 4 for a tall one (down_proj: 38 us instead of 51 on the H200,
+    bench/gemv_lab.py), else 1 (the rows alone make enough programs)."""
+    return 4 if k >= 4 * n and k >= 8192 else 1
+
+
 def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
           split: int | None = None) -> torch.Tensor:
     """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given.
-    split: K-slices run as separate programs, then summed in a fixed order (default: TALL_SPLIT for one row of a
-    tall weight on CUDA, where N / BLOCK_N programs alone are too few to keep the memory busy; else 1)."""
+    One bf16 row against a 4-bit weight without a code table runs kernels/gemv4.py (packed bf16x2 arithmetic), the
+    rest the fp32 kernel above. split: K-slices run as separate programs, then summed in a fixed order (default:
+    gemv4_split for gemv4 on CUDA, else 1)."""
     M, K = x.shape
     N = qw.shape[0]
     assert 1 <= M <= GEMV_MAX_ROWS and K == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
@@ -275,16 +285,25 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, ou
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert y.shape == (M, N) and y.stride(1) == 1
     s = qw.scales
+    o = s if qw.offsets is None else qw.offsets
+    b = s if bias is None else bias
     qw32 = qw.qweight.view(torch.int32)  # little-endian: byte j of a word holds codes 4j.. of the word, in k order
+    W = qw32.shape[1]
+    four = GEMV4 and _gemv4_ok(x, qw)
     if split is None:
-        split = TALL_SPLIT if M == 1 and x.is_cuda and K >= 4 * N else 1
+        split = gemv4_split(N, K) if four and x.is_cuda else 1
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
-    _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
-        x, qw32, s, s if qw.offsets is None else qw.offsets, s if qw.lut is None else qw.lut,
-        s if bias is None else bias, y, part, N, qw32.shape[1], x.stride(0), qw32.stride(0), s.stride(0),
-        y.stride(0), M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None,
-        HAS_LUT=qw.lut is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, M_PAD=triton.next_power_of_2(M),
-        SPLIT=split)
+    if four:
+        _q4gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
+            x.view(torch.int32), qw32, s, o, b, y, part, N, W, qw32.stride(0), s.stride(0), GROUP=qw.group,
+            HAS_OFFSETS=qw.offsets is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, SPLIT=split,
+            USE_ASM=x.is_cuda)
+    else:
+        _qgemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
+            x, qw32, s, o, s if qw.lut is None else qw.lut, b, y, part, N, W, x.stride(0), qw32.stride(0),
+            s.stride(0), y.stride(0), M=M, BITS=qw.bits, GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None,
+            HAS_LUT=qw.lut is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, M_PAD=triton.next_power_of_2(M),
+            SPLIT=split)
     if split > 1:
         _split_sum_kernel[(triton.cdiv(N, 1024), M)](part, y, N, y.stride(0), M=M, SPLIT=split,
                                                      SPLIT_PAD=triton.next_power_of_2(split), BLOCK=1024)

@@ -5,11 +5,14 @@ without offsets, a zero code and a code table; weights kept in parts of differen
 
 import pytest
 import torch
+import triton
 from conftest import assert_close
+from openclaw.kernels.gemv4 import _q4gemv_kernel
 from openclaw.kernels.qlinear import (
     QuantWeight,
     concat_rows,
     dequantize,
+    gemv4_split,
     pack_codes,
     qgemv,
     qlinear,
@@ -112,7 +115,53 @@ def test_dequantize_kernel_writes_every_element(bits, offsets, zero):
 
 @pytest.mark.parametrize("n,k", QWEN3_32B)
 def test_real_shapes_awq_layout(n, k):
-    check(random_weight(n, k, 4, 128, True, False), 1)
+    """One bf16 row: kernels/gemv4.py (its plain-Triton leaves in the interpreter, the PTX ones on CUDA)."""
+    check(random_weight(n, k, 4, 128, True, False), 1, torch.bfloat16)
+
+
+# kernels/gemv4.py's cases: (rows, groups, group, offsets, zero, split): partial row tiles and K-slices (5 / 37 rows,
+# 3 groups, split 3 of 5 groups), whole tiles without masks (64 x 2048, split 1 and 2), GGUF-like group 32 layouts
+GEMV4 = [(5, 3, 128, True, 0, 1), (37, 5, 32, True, 0, 3), (64, 16, 128, True, 0, 1), (64, 16, 128, False, 0, 2),
+         (37, 12, 32, False, 8, 2), (16, 4, 64, True, 3, 1), (96, 64, 32, True, 0, 8)]
+
+
+@pytest.mark.parametrize("n,groups,group,offsets,zero,split", GEMV4)
+def test_gemv4_bf16_row(n, groups, group, offsets, zero, split):
+    qw = random_weight(n, groups * group, 4, group, offsets, False, seed=n, zero=zero)
+    g = torch.Generator().manual_seed(groups)
+    x = (torch.randn(1, qw.shape[1], generator=g) * 4).to(DEV, torch.bfloat16)
+    for b in (None, torch.randn(n, generator=g).to(DEV, torch.bfloat16)):
+        out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        qgemv(x, qw, b, out=out, split=split)
+        assert_close(out, qlinear_ref(x, qw, b), torch.bfloat16, matmul=True)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("n,groups,split", [(64, 16, 1), (40, 9, 2)])
+def test_gemv4_every_config_path(n, groups, split, prefetch):
+    """The autotuner's choices the interpreter never picks: each tile shape of the H200 configs, with and without the
+    register prefetch, on whole tiles (64 x 2048: no masks) and partial ones."""
+    qw = random_weight(n, groups * 128, 4, 128, True, False, seed=3)
+    x = torch.randn(1, qw.shape[1], generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
+    ref = qlinear_ref(x, qw)
+    qw32, s = qw.qweight.view(torch.int32), qw.scales
+    for bn, bc in [(4, 32), (8, 16), (8, 32)]:
+        out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        part = torch.empty(split, n, device=DEV)
+        _q4gemv_kernel.fn[(triton.cdiv(n, bn), split)](
+            x.view(torch.int32), qw32, s, qw.offsets, s, out if split == 1 else part, part, n, qw32.shape[1],
+            qw32.stride(0), s.stride(0), GROUP=128, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0, SPLIT=split,
+            USE_ASM=CUDA, BLOCK_N=bn, BLOCK_C=bc, PREFETCH=prefetch, num_warps=1)
+        if split > 1:
+            out = part.sum(0, keepdim=True)
+        assert_close(out, ref, torch.bfloat16, matmul=True)
+
+
+def test_gemv4_split_choice():
+    """K-slices only for a tall weight (down_proj), where the rows alone make too few programs."""
+    assert gemv4_split(5120, 25600) == 4
+    assert gemv4_split(51200, 5120) == gemv4_split(10240, 5120) == gemv4_split(5120, 8192) == 1
+    assert gemv4_split(64, 2048) == 1
 
 
 @pytest.mark.parametrize("bits,group,offsets,lut", [(4, 64, False, True), (8, 32, True, False)])
