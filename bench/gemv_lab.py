@@ -76,8 +76,8 @@ def _call(run, x, out, cfg, part, qw):
 FP32 = [{"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "SPLIT": sp}
         for bn, bw, nw in [(8, 64, 1), (16, 128, 2)] for sp in (1, 4)]
 GEMV4 = [{"BLOCK_N": bn, "BLOCK_C": bc, "num_warps": nw, "PREFETCH": pf}
-         for bn, bc, nw, pf in [(8, 16, 1, 0), (8, 16, 1, 1), (8, 32, 1, 0), (8, 32, 1, 1), (4, 32, 1, 0), (4, 32, 1, 1),
-                                (4, 64, 2, 1), (16, 32, 2, 0)]]
+         for bn, bc, nw, pf in [(8, 16, 1, 0), (8, 16, 1, 1), (8, 32, 1, 0), (8, 32, 1, 1), (4, 32, 1, 0),
+                                (4, 32, 1, 1), (4, 64, 2, 1), (16, 32, 2, 0)]]
 
 
 def main():
@@ -91,7 +91,7 @@ def main():
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [("qkv", 10240, 5120, (1, 2)), ("o_proj", 5120, 8192, (1, 4)), ("gate_up", 51200, 5120, (1,)),
-              ("down", 5120, 25600, (2, 4, 8))]  # with the split-K values tried
+              ("down", 5120, 25600, (1, 2, 4, 8))]  # with the split-K values tried
     if args.small:
         shapes = [("t", 64, 4096, (1, 2))]
     if args.only:
@@ -104,8 +104,9 @@ def main():
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         part = torch.empty(8 * n, device=dev, dtype=torch.float32)
         rows = []
+        n_copies = max(1, (200 << 20) // qw.nbytes) if dev == "cuda" else 0
         copies = [qw] + [ql.QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, 4, 128,
-                                        qw.shape) for _ in range(max(1, (200 << 20) // qw.nbytes) if dev == "cuda" else 0)]
+                                        qw.shape) for _ in range(n_copies)]
         gemv4_cfgs = [{**c, "SPLIT": sp} for c in GEMV4 for sp in splits]
         kinds = [("fp32", FP32, run_fp32), ("gemv4", gemv4_cfgs, run_gemv4)]
         for kind, cfgs, run in kinds + [("read", READ, run_read)] * args.read:
@@ -118,7 +119,7 @@ def main():
                     cfg = {**cfg, "regs": kern.n_regs, "cp_async": kern.asm["ptx"].count("cp.async")}
                 rows.append((us, kind, cfg, err))
         rows.sort(key=lambda r: r[0])
-        print(f"{name} {n}x{k} {qw.nbytes / 1e6:.1f} MB (auto split {ql.gemv4_split(n, k)})")
+        print(f"{name} {n}x{k} {qw.nbytes / 1e6:.1f} MB")
         for us, kind, cfg, err in rows[:10]:
             print(f"   {kind} {us:7.1f} us {qw.nbytes / max(us, 1e-9) / 1e3:6.0f} GB/s err {err:.1e} {cfg}")
         print(f"   worst err {max(r[3] for r in rows):.1e}")

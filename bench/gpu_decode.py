@@ -87,9 +87,9 @@ def graph_us(fn, copies: list, calls: int = 8) -> float:
 
 
 def kernel_table(copy_bw: float) -> list[dict]:
-    """Each Qwen3-32B linear shape alone, one bf16 row in a CUDA graph: the 4-bit GEMV as decode runs it (gemv4 with
-    its split-K for 4-bit, the fp32 kernel for 8-bit), gemv4 at split 1, the fp32 kernel, and bf16 cuBLAS; prefill
-    M=512 vs bf16 GEMM."""
+    """Each Qwen3-32B linear shape alone, one bf16 row in a CUDA graph: the 4-bit GEMV as decode runs it (gemv4 for
+    4-bit, the fp32 kernel for 8-bit), the same at split-K 4, the fp32 kernel, and bf16 cuBLAS; prefill M=512 vs
+    bf16 GEMM."""
     from openclaw.kernels import qlinear as ql
     from triton.testing import do_bench
 
@@ -103,7 +103,7 @@ def kernel_table(copy_bw: float) -> list[dict]:
         copies = [qw] + [ql.QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, qw.bits,
                                         qw.group, qw.shape) for _ in range(max(1, (200 << 20) // qw.nbytes))]
         ms_q = graph_us(partial(ql.qgemv, x1), copies) / 1e3
-        us_split1 = graph_us(partial(ql.qgemv, x1, split=1), copies)
+        us_split4 = graph_us(partial(ql.qgemv, x1, split=4), copies)
         ql.GEMV4 = False
         try:
             us_fp32 = graph_us(partial(ql.qgemv, x1, split=1), copies)
@@ -114,8 +114,8 @@ def kernel_table(copy_bw: float) -> list[dict]:
         ms_qp = do_bench(partial(ql.qlinear, xp, qw), warmup=10, rep=50, return_mode="median")
         ms_bp = do_bench(partial(F.linear, xp, w), warmup=10, rep=50, return_mode="median")
         rows.append({"shape": f"{name} {k}->{n}", "q_us": ms_q * 1e3, "q_gbs": qw.nbytes / ms_q / 1e6,
-                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "split": ql.gemv4_split(n, k),
-                     "split1_us": us_split1, "fp32_us": us_fp32, "bf16_us": ms_b * 1e3,
+                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "split4_us": us_split4, "fp32_us": us_fp32,
+                     "bf16_us": ms_b * 1e3,
                      "bf16_frac": w.numel() * 2 / (ms_b / 1e3) / copy_bw, "prefill512_ms": ms_qp,
                      "bf16_prefill512_ms": ms_bp})
     return rows
@@ -288,12 +288,12 @@ def print_table(res: dict) -> None:
         rows.append(("peer", p.get("error", "?")))
     for k, v in rows:
         print(f"| {k} | {v} |")
-    print("\n| shape (M=1) | 4-bit GEMV in a graph (split) | GB/s | of copy bw | gemv4 split 1 | fp32 kernel | "
+    print("\n| shape (M=1) | 4-bit GEMV in a graph | GB/s | of copy bw | split-K 4 | fp32 kernel | "
           "bf16 cuBLAS GEMV | of copy bw | prefill M=512: dequant+cuBLAS / bf16 cuBLAS |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["kernels"]:
-        print(f"| {r['shape']} | {r['q_us']:.1f} us ({r['split']}) | {r['q_gbs']:.0f} | {100 * r['q_frac']:.0f}% | "
-              f"{r['split1_us']:.1f} us | {r['fp32_us']:.1f} us | "
+        print(f"| {r['shape']} | {r['q_us']:.1f} us | {r['q_gbs']:.0f} | {100 * r['q_frac']:.0f}% | "
+              f"{r['split4_us']:.1f} us | {r['fp32_us']:.1f} us | "
               f"{r['bf16_us']:.1f} us | {100 * r['bf16_frac']:.0f}% | {r['prefill512_ms']:.3f} / "
               f"{r['bf16_prefill512_ms']:.3f} ms |")
 

@@ -1,13 +1,13 @@
 """The decode GEMV for 4-bit weights without a code table and bf16 activations (kernels/qlinear.py's layout: code i
 of int32 word w of a row is k = 8 w + i), in packed bf16x2 arithmetic.
 
-Why: the fp32 GEMV (qlinear._qgemv_kernel) spends ~5.5 instructions per code (shift, mask, FMA, plus x handling),
-which caps it near 40% of the H200's memory bandwidth: at 4.3 TB/s an SM must retire 33 codes per clock and issues
-128 lanes of instructions per clock. Here one LOP3 turns two codes of a word (j and j + 4) into the bf16 pair
-(128 + c_j, 128 + c_j+4) (the code or-ed under the exponent of 128), one bf16x2 FMA subtracts 136 exactly, and one
-bf16x2 FMA multiplies by the matching pair of activations: ~2.3 instructions per code. Products and the four partial
-sums of a word round to bf16 (relative 2^-9 each, far below 4-bit quantization error); everything after a word is
-fp32.
+Why: at 4.3 TB/s an H200 SM must consume 33 codes per clock, and the fp32 GEMV (qlinear._qgemv_kernel) spends ~5.5
+instructions per code (shift, mask, FMA, plus activation handling). Here one LOP3 turns two codes of a word (j and
+j + 4) into the bf16 pair (128 + c_j, 128 + c_j+4) (the code or-ed under the exponent of 128), one bf16x2 FMA
+subtracts 136 exactly, and one bf16x2 FMA multiplies by the matching pair of activations: ~3.4 SASS instructions per
+code in all. Products and the four partial sums of a word round to bf16 (relative 2^-9 each, far below 4-bit
+quantization error); everything after a word is fp32. Reference: qlinear.qlinear_ref. Measured (bench/RESULTS.md):
+15-42% faster than the fp32 kernel per Qwen3-32B shape, most of it from loading each word's 8 activations at once.
 
 The PTX leaves (_x_pairs, _dot8) have a plain-Triton twin with the same data flow, exact in fp32, which the CPU
 interpreter (TRITON_INTERPRET=1) runs: the pairing, masking and indexing around them are the same code either way.
@@ -161,9 +161,9 @@ def _q4gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, part_ptr, N, W, st
                    BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """y[n] = sum_k x[k] w[n, k] (+ bias) for one row x (bf16, read as int32 words: x_ptr[4 w + e] holds x[8 w + 2e],
     x[8 w + 2e + 1]). Tiles of BLOCK_N rows x BLOCK_C chunks of 4 words (32 codes, within one group) (PREFETCH: the
-    next tile loaded into registers before the current one is computed); per chunk sum_k w_k x_k = s * sum (c_k - 8) x_k + (offset -
-    (ZERO - 8) * s) * sum x_k. Grid (cdiv(N, BLOCK_N), SPLIT): K-slice i_k writes fp32 partial sums part[i_k, n]
-    when SPLIT > 1. EVEN: N and every K-slice are whole tiles (no masks)."""
+    next tile loaded into registers before the current one is computed); per chunk sum_k w_k x_k =
+    s * sum (c_k - 8) x_k + (offset - (ZERO - 8) * s) * sum x_k. Grid (cdiv(N, BLOCK_N), SPLIT): K-slice i_k writes
+    fp32 partial sums part[i_k, n] when SPLIT > 1. EVEN: N and every K-slice are whole tiles (no masks)."""
     CPG: tl.constexpr = GROUP // 32  # chunks per group
     WPG: tl.constexpr = GROUP // 8  # words per group
     BLOCK_W: tl.constexpr = BLOCK_C * 4

@@ -226,7 +226,8 @@ def _split_sum_kernel(part_ptr, y_ptr, N, stride_ym, M: tl.constexpr, SPLIT: tl.
 def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr,
                     ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
-    """w[n, k] for one group column and BLOCK_N rows per program: grid (cdiv(N, BLOCK_N), K // GROUP)."""
+    """w[n, k] for one group column and BLOCK_N rows per program: grid (cdiv(N, BLOCK_N), K // GROUP). 4-bit: the
+    two nibbles of a byte are joined in registers, so each row's GROUP outputs are one contiguous store."""
     CPB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = GROUP // CPB
     i_n = tl.program_id(0).to(tl.int64)
@@ -239,20 +240,13 @@ def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, strid
     b_o = 0.0
     if HAS_OFFSETS:
         b_o = tl.load(o_ptr + o_n * stride_sn + i_g, mask=m_n, other=0.0).to(tl.float32)[:, None]
-    p_w = w_ptr + o_n[:, None] * stride_wn + i_g * GROUP + o_b[None, :] * CPB
     if BITS == 4:
-        c_lo = b_q & 0xF
-        c_hi = b_q >> 4
-        if HAS_LUT:
-            w_lo = tl.load(lut_ptr + c_lo.to(tl.int32))
-            w_hi = tl.load(lut_ptr + c_hi.to(tl.int32))
-        else:
-            w_lo = c_lo.to(tl.float32)
-            w_hi = c_hi.to(tl.float32)
-        tl.store(p_w, ((w_lo - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
-        tl.store(p_w + 1, ((w_hi - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        c = tl.reshape(tl.join(b_q & 0xF, b_q >> 4), (BLOCK_N, GROUP))  # [n, 2 j + h] = nibble h of byte j
+        c = tl.load(lut_ptr + c.to(tl.int32)) if HAS_LUT else c.to(tl.float32)
     else:
-        tl.store(p_w, ((b_q.to(tl.float32) - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
+        c = b_q.to(tl.float32)
+    p_w = w_ptr + o_n[:, None] * stride_wn + i_g * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(p_w, ((c - ZERO) * b_s + b_o).to(w_ptr.dtype.element_ty), mask=m_n[:, None])
 
 
 def _kernel_ok(qw: QuantWeight) -> bool:
@@ -264,18 +258,12 @@ def _gemv4_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
     return x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None and qw.group % 32 == 0
 
 
-def gemv4_split(n: int, k: int) -> int:
-    """K-slices for kernels/gemv4.py on an N x K weight: 4 for a tall one (down_proj: 38 us instead of 51 on the H200,
-    bench/gemv_lab.py), else 1 (the rows alone make enough programs)."""
-    return 4 if k >= 4 * n and k >= 8192 else 1
-
-
 def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-          split: int | None = None) -> torch.Tensor:
+          split: int = 1) -> torch.Tensor:
     """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given.
     One bf16 row against a 4-bit weight without a code table runs kernels/gemv4.py (packed bf16x2 arithmetic), the
-    rest the fp32 kernel above. split: K-slices run as separate programs, then summed in a fixed order (default:
-    gemv4_split for gemv4 on CUDA, else 1)."""
+    rest the fp32 kernel above. split: K-slices run as separate programs, then summed in a fixed order (on the H200
+    gemv4 ran down_proj in 36 us unsplit, 40 us at split 4: bench/RESULTS.md)."""
     M, K = x.shape
     N = qw.shape[0]
     assert 1 <= M <= GEMV_MAX_ROWS and K == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
@@ -290,8 +278,6 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, ou
     qw32 = qw.qweight.view(torch.int32)  # little-endian: byte j of a word holds codes 4j.. of the word, in k order
     W = qw32.shape[1]
     four = GEMV4 and _gemv4_ok(x, qw)
-    if split is None:
-        split = gemv4_split(N, K) if four and x.is_cuda else 1
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     if four:
         _q4gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](

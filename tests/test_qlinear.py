@@ -12,7 +12,6 @@ from openclaw.kernels.qlinear import (
     QuantWeight,
     concat_rows,
     dequantize,
-    gemv4_split,
     pack_codes,
     qgemv,
     qlinear,
@@ -155,13 +154,6 @@ def test_gemv4_every_config_path(n, groups, split, prefetch):
         if split > 1:
             out = part.sum(0, keepdim=True)
         assert_close(out, ref, torch.bfloat16, matmul=True)
-
-
-def test_gemv4_split_choice():
-    """K-slices only for a tall weight (down_proj), where the rows alone make too few programs."""
-    assert gemv4_split(5120, 25600) == 4
-    assert gemv4_split(51200, 5120) == gemv4_split(10240, 5120) == gemv4_split(5120, 8192) == 1
-    assert gemv4_split(64, 2048) == 1
 
 
 @pytest.mark.parametrize("bits,group,offsets,lut", [(4, 64, False, True), (8, 32, True, False)])
