@@ -1,7 +1,7 @@
 """The GEMV experiment behind kernels/gemv4.py and kernels/qlinear.py (H200; bench/RESULTS.md). Times in a CUDA graph
 over rotating weight copies, per Qwen3-32B decode shape (one bf16 row), gemv4 (packed bf16x2) at each of its tile
-shapes x register prefetch x split-K against the fp32 kernel at its configs, each with the
-fixed-order split sum, and checks every output against the fp32 reference.
+shapes x register prefetch x register cap (maxnreg: occupancy against spills) x split-K against the fp32 kernel at
+its configs, each with the fixed-order split sum, and checks every output against the fp32 reference.
 GPU: python bench/gemv_lab.py [--json out.json]; CPU (interpreter, correctness only): --small."""
 
 import argparse
@@ -75,9 +75,8 @@ def _call(run, x, out, cfg, part, qw):
 
 FP32 = [{"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "SPLIT": sp}
         for bn, bw, nw in [(8, 64, 1), (16, 128, 2)] for sp in (1, 4)]
-GEMV4 = [{"BLOCK_N": bn, "BLOCK_C": bc, "num_warps": nw, "PREFETCH": pf}
-         for bn, bc, nw, pf in [(8, 16, 1, 0), (8, 16, 1, 1), (8, 32, 1, 0), (8, 32, 1, 1), (4, 32, 1, 0),
-                                (4, 32, 1, 1), (4, 64, 2, 1), (16, 32, 2, 0)]]
+GEMV4 = [{"BLOCK_N": bn, "BLOCK_C": bc, "num_warps": 1, "PREFETCH": pf} | ({"maxnreg": r} if r else {})
+         for bn, bc, pf in [(4, 32, 1), (8, 16, 0), (8, 16, 1), (8, 32, 0)] for r in (0, 128, 96, 80, 64)]
 
 
 def main():
@@ -90,8 +89,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated shape names")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [("qkv", 10240, 5120, (1, 2)), ("o_proj", 5120, 8192, (1, 4)), ("gate_up", 51200, 5120, (1,)),
-              ("down", 5120, 25600, (1, 2, 4, 8))]  # with the split-K values tried
+    shapes = [("qkv", 10240, 5120, (1,)), ("o_proj", 5120, 8192, (1,)), ("gate_up", 51200, 5120, (1,)),
+              ("down", 5120, 25600, (1, 4))]  # with the split-K values tried
     if args.small:
         shapes = [("t", 64, 4096, (1, 2))]
     if args.only:
@@ -132,6 +131,9 @@ def main():
         for pf in (0, 1):
             us, _, cfg, _ = next(r for r in rows if r[1] == "gemv4" and r[2]["PREFETCH"] == pf)
             print(f"   best gemv4 prefetch {pf}: {us:.1f} us {cfg}")
+        for cap in (0, 128, 96, 80, 64):
+            us, _, cfg, _ = next(r for r in rows if r[1] == "gemv4" and r[2].get("maxnreg", 0) == cap)
+            print(f"   best gemv4 maxnreg {cap or 'none'}: {us:.1f} us {cfg}")
         res.append({"shape": name, "rows": rows})
     if args.json:
         with open(args.json, "w") as f:

@@ -9,6 +9,7 @@ offsets tensor, an implicit offset -zero * scale per group.
 It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -254,8 +255,15 @@ def _kernel_ok(qw: QuantWeight) -> bool:
     return 16 <= g <= 1024 and g & (g - 1) == 0
 
 
+@functools.cache
+def _bf16x2_arith(device: torch.device) -> bool:
+    """Whether the GPU has packed bf16 FMA (sm_80+: A100, RTX 30xx/40xx, H100); kernels/gemv4.py needs it."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _gemv4_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
-    return x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None and qw.group % 32 == 0
+    return (x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None
+            and qw.group % 32 == 0 and (not x.is_cuda or _bf16x2_arith(x.device)))
 
 
 def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
