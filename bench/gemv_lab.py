@@ -1,7 +1,9 @@
 """The GEMV experiment behind kernels/gemv4.py and kernels/qlinear.py (H200; bench/RESULTS.md). Times in a CUDA graph
 over rotating weight copies, per Qwen3-32B decode shape (one bf16 row), gemv4 (packed bf16x2) at each of its tile
 shapes x register prefetch x register cap (maxnreg: occupancy against spills) x split-K against the fp32 kernel at
-its configs, each with the fixed-order split sum, and checks every output against the fp32 reference.
+its configs, each with the fixed-order split sum, and checks every output against the fp32 reference. gemv4-prep:
+the same kernel reading x already in pair order with its chunk sums (gemv4.prep_x, outside the timing): the most a
+producer-side preparation of x (in add+RMSNorm / SiLU-mul) could gain.
 GPU: python bench/gemv_lab.py [--json out.json]; CPU (interpreter, correctness only): --small."""
 
 import argparse
@@ -33,15 +35,16 @@ def run_fp32(x, qw, out, cfg, part):
     _sum(part, out, n, split)
 
 
-def run_gemv4(x, qw, out, cfg, part):
-    """gemv4 at one config; returns the compiled kernel."""
+def run_gemv4(x, qw, out, cfg, part, prep=None):
+    """gemv4 at one config (prep: gemv4.prep_x(x), read with PREP); returns the compiled kernel."""
     qw32 = qw.qweight.view(torch.int32)
     n, split = qw.shape[0], cfg["SPLIT"]
     kw = {k: v for k, v in cfg.items() if k != "SPLIT"}
+    xs = qw.scales if prep is None else prep[1]
     k = gemv4._q4gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        x.view(torch.int32), qw32, qw.scales, qw.offsets, qw.scales, out, part, n, qw32.shape[1], qw32.stride(0),
-        qw.scales.stride(0), GROUP=qw.group, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0, SPLIT=split,
-        USE_ASM=x.is_cuda, **kw)
+        (x if prep is None else prep[0]).view(torch.int32), xs, qw32, qw.scales, qw.offsets, qw.scales, out, part, n,
+        qw32.shape[1], qw32.stride(0), qw.scales.stride(0), GROUP=qw.group, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0,
+        SPLIT=split, USE_ASM=x.is_cuda, PREP=prep is not None, **kw)
     _sum(part, out, n, split)
     return k
 
@@ -107,7 +110,9 @@ def main():
         copies = [qw] + [ql.QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, 4, 128,
                                         qw.shape) for _ in range(n_copies)]
         gemv4_cfgs = [{**c, "SPLIT": sp} for c in GEMV4 for sp in splits]
-        kinds = [("fp32", FP32, run_fp32), ("gemv4", gemv4_cfgs, run_gemv4)]
+        prep_cfgs = [{**c, "SPLIT": sp} for c in GEMV4 if "maxnreg" not in c for sp in splits]
+        kinds = [("fp32", FP32, run_fp32), ("gemv4", gemv4_cfgs, run_gemv4),
+                 ("gemv4-prep", prep_cfgs, partial(run_gemv4, prep=gemv4.prep_x(x)))]
         for kind, cfgs, run in kinds + [("read", READ, run_read)] * args.read:
             for cfg in cfgs:
                 out.fill_(float("nan"))
@@ -122,7 +127,7 @@ def main():
         for us, kind, cfg, err in rows[:10]:
             print(f"   {kind} {us:7.1f} us {qw.nbytes / max(us, 1e-9) / 1e3:6.0f} GB/s err {err:.1e} {cfg}")
         print(f"   worst err {max(r[3] for r in rows):.1e}")
-        for kind in ("fp32", "gemv4", "read")[:2 + args.read]:
+        for kind in ("fp32", "gemv4", "gemv4-prep", "read")[:3 + args.read]:
             us, _, cfg, _ = next(r for r in rows if r[1] == kind)
             print(f"   best {kind}: {us:.1f} us {cfg}")
         for sp in splits:

@@ -289,7 +289,7 @@ def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, ou
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     if four:
         _q4gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
-            x.view(torch.int32), qw32, s, o, b, y, part, N, W, qw32.stride(0), s.stride(0), GROUP=qw.group,
+            x.view(torch.int32), s, qw32, s, o, b, y, part, N, W, qw32.stride(0), s.stride(0), GROUP=qw.group,
             HAS_OFFSETS=qw.offsets is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, SPLIT=split,
             USE_ASM=x.is_cuda)
     else:

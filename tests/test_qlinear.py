@@ -3,11 +3,13 @@ interpreter on the CPU, the real kernels on CUDA), on tiny, odd and real Qwen3-3
 without offsets, a zero code and a code table; weights kept in parts of different layouts; plus the layout helpers
 (packing, fusing, RTN)."""
 
+import itertools
+
 import pytest
 import torch
 import triton
 from conftest import assert_close
-from openclaw.kernels.gemv4 import _q4gemv_kernel
+from openclaw.kernels.gemv4 import _q4gemv_kernel, prep_x
 from openclaw.kernels.qlinear import (
     QuantWeight,
     concat_rows,
@@ -139,18 +141,20 @@ def test_gemv4_bf16_row(n, groups, group, offsets, zero, split):
 @pytest.mark.parametrize("n,groups,split", [(64, 16, 1), (40, 9, 2)])
 def test_gemv4_every_config_path(n, groups, split, prefetch):
     """The autotuner's choices the interpreter never picks: each tile shape of the H200 configs, with and without the
-    register prefetch, on whole tiles (64 x 2048: no masks) and partial ones."""
+    register prefetch, on whole tiles (64 x 2048: no masks) and partial ones; and x prepared in pair order with its
+    chunk sums (PREP, bench/gemv_lab.py's experiment)."""
     qw = random_weight(n, groups * 128, 4, 128, True, False, seed=3)
     x = torch.randn(1, qw.shape[1], generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
     ref = qlinear_ref(x, qw)
     qw32, s = qw.qweight.view(torch.int32), qw.scales
-    for bn, bc in [(4, 32), (8, 16), (8, 32)]:
+    xp, xs = prep_x(x)
+    for (bn, bc), prep in itertools.product([(4, 32), (8, 16), (8, 32)], [False, True]):
         out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV)
         part = torch.empty(split, n, device=DEV)
         _q4gemv_kernel.fn[(triton.cdiv(n, bn), split)](
-            x.view(torch.int32), qw32, s, qw.offsets, s, out if split == 1 else part, part, n, qw32.shape[1],
-            qw32.stride(0), s.stride(0), GROUP=128, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0, SPLIT=split,
-            USE_ASM=CUDA, BLOCK_N=bn, BLOCK_C=bc, PREFETCH=prefetch, num_warps=1)
+            (xp if prep else x).view(torch.int32), xs, qw32, s, qw.offsets, s, out if split == 1 else part, part, n,
+            qw32.shape[1], qw32.stride(0), s.stride(0), GROUP=128, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0,
+            SPLIT=split, USE_ASM=CUDA, BLOCK_N=bn, BLOCK_C=bc, PREFETCH=prefetch, PREP=prep, num_warps=1)
         if split > 1:
             out = part.sum(0, keepdim=True)
         assert_close(out, ref, torch.bfloat16, matmul=True)
