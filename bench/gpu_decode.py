@@ -180,9 +180,11 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     return r
 
 
-def peer(cfg: dict, layer_counts: tuple[int, ...] = (8, 16)) -> dict:
+def peer(cfg: dict, layer_counts: tuple[int, ...] = (4, 8, 16)) -> dict:
     """transformers + bitsandbytes NF4 (what transformers' load_in_4bit builds: every decoder linear a Linear4bit,
-    lm_head bf16), per-token time at each layer count, extrapolated linearly to the real 64 layers."""
+    lm_head bf16), per-token time at each layer count (best of 3), a least-squares line through them extrapolated to
+    the real 64 layers. Batch-1 generate is host-bound, so two layer counts gave slopes from 0.19 to 2.1 ms per layer
+    across runs; three counts and the fit's worst residual show how far to trust the line."""
     import bitsandbytes as bnb
     import transformers
 
@@ -205,15 +207,18 @@ def peer(cfg: dict, layer_counts: tuple[int, ...] = (8, 16)) -> dict:
         ids = torch.randint(0, 150000, (1, 128), device="cuda")
 
         _generate(model, ids, 8), _generate(model, ids, 8)  # CUDA / cuBLAS / bitsandbytes warm-up
-        times[layers] = min(_generate(model, ids, 33) - _generate(model, ids, 1) for _ in range(2)) / 32
+        times[layers] = min(_generate(model, ids, 33) - _generate(model, ids, 1) for _ in range(3)) / 32
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    (l1, t1), (l2, t2) = sorted(times.items())[:2]
-    per_layer = (t2 - t1) / (l2 - l1)
-    t64 = t1 + per_layer * (cfg["num_hidden_layers"] - l1)
+    ls, ts = zip(*sorted(times.items()))
+    l_mean, t_mean = sum(ls) / len(ls), sum(ts) / len(ts)
+    per_layer = (sum((a - l_mean) * (b - t_mean) for a, b in zip(ls, ts, strict=True))
+                 / sum((a - l_mean) ** 2 for a in ls))
+    t64 = t_mean + per_layer * (cfg["num_hidden_layers"] - l_mean)
+    residual = max(abs(b - (t_mean + per_layer * (a - l_mean))) for a, b in zip(ls, ts, strict=True))
     return {"per_token_s": times, "per_layer_ms": per_layer * 1e3, "tok_s_64": 1 / t64,
-            "bnb": bnb.__version__, "transformers": transformers.__version__}
+            "fit_residual_ms": residual * 1e3, "bnb": bnb.__version__, "transformers": transformers.__version__}
 
 
 def _generate(model, ids: torch.Tensor, n: int) -> float:
@@ -280,9 +285,10 @@ def print_table(res: dict) -> None:
     p = res.get("peer", {})
     if "tok_s_64" in p:
         rows.append((f"peer: transformers {p['transformers']} + bitsandbytes {p['bnb']} NF4",
-                     (f"{p['tok_s_64']:.2f} tok/s (measured at 8 and 16 layers: "
+                     (f"{p['tok_s_64']:.2f} tok/s (measured at {', '.join(map(str, p['per_token_s']))} layers: "
                       f"{', '.join(f'{1e3 * t:.1f}' for t in p['per_token_s'].values())} ms/token; "
-                      f"{p['per_layer_ms']:.2f} ms/layer, extrapolated to 64)")))
+                      f"{p['per_layer_ms']:.2f} ms/layer fitted, worst residual "
+                      f"{p.get('fit_residual_ms', 0):.2f} ms, extrapolated to 64)")))
         rows.append(("ours / peer", f"{o['tok_s_128'] / p['tok_s_64']:.1f}x at context 128"))
     elif p:
         rows.append(("peer", p.get("error", "?")))
