@@ -115,7 +115,7 @@ def _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, w0, stop, m_n, o_w, o_c, W
                HAS_OFFSETS: tl.constexpr, EVEN: tl.constexpr, PREP: tl.constexpr):
     """Words, scales, offsets and activation words of the tile at word w0 (nothing past `stop`): a whole tile in
     EVEN mode is one predicate (w0 < stop), else masked per word and row. PREP: x is already in pair order and its
-    32-element chunk sums are read from xs_ptr (returned in place of the fourth word, unused then)."""
+    32-element chunk sums are read from xs_ptr (the eighth element returned; without PREP it repeats xw3, unused)."""
     p_x = x_ptr + (w0 + o_w) * 4
     if EVEN:
         m_w = (w0 + 0 * o_w) < stop

@@ -116,8 +116,11 @@ def test_dequantize_kernel_writes_every_element(bits, offsets, zero):
 
 @pytest.mark.parametrize("n,k", QWEN3_32B)
 def test_real_shapes_awq_layout(n, k):
-    """One bf16 row: kernels/gemv4.py (its plain-Triton leaves in the interpreter, the PTX ones on CUDA)."""
-    check(random_weight(n, k, 4, 128, True, False), 1, torch.bfloat16)
+    """One fp32 row: the fp32 kernel (which also serves batched decode); one bf16 row: kernels/gemv4.py (its
+    plain-Triton leaves in the interpreter, the PTX ones on CUDA)."""
+    qw = random_weight(n, k, 4, 128, True, False)
+    check(qw, 1)
+    check(qw, 1, torch.bfloat16)
 
 
 # kernels/gemv4.py's cases: (rows, groups, group, offsets, zero, split): partial row tiles and K-slices (5 / 37 rows,
