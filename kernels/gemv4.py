@@ -13,7 +13,6 @@ The PTX leaves (_x_pairs, _dot8) have a plain-Triton twin with the same data flo
 interpreter (TRITON_INTERPRET=1) runs: the pairing, masking and indexing around them are the same code either way.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -111,11 +110,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, w0, stop, m_n, o_w, o_c, WPG: tl.constexpr,
-               HAS_OFFSETS: tl.constexpr, EVEN: tl.constexpr, PREP: tl.constexpr):
+def _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, w0, stop, m_n, o_w, o_c, WPG: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+               EVEN: tl.constexpr):
     """Words, scales, offsets and activation words of the tile at word w0 (nothing past `stop`): a whole tile in
-    EVEN mode is one predicate (w0 < stop), else masked per word and row. PREP: x is already in pair order and its
-    32-element chunk sums are read from xs_ptr (the eighth element returned; without PREP it repeats xw3, unused)."""
+    EVEN mode is one predicate (w0 < stop), else masked per word and row."""
     p_x = x_ptr + (w0 + o_w) * 4
     if EVEN:
         m_w = (w0 + 0 * o_w) < stop
@@ -133,30 +131,22 @@ def _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, w0, stop, m_n, o_w, o_c, W
     xa, xb = tl.split(tl.reshape(xv, (xv.shape[0], 4, 2, 2)))  # one 16-byte load per word, split in registers
     xw0, xw2 = tl.split(xa)
     xw1, xw3 = tl.split(xb)
-    if PREP:
-        x_sum = tl.load(xs_ptr + w0 // 4 + o_c, mask=(w0 + o_c * 4) < stop, other=0.0)
-    else:
-        x_sum = xw3
-    return b_q, b_s, b_o, xw0, xw1, xw2, xw3, x_sum
+    return b_q, b_s, b_o, xw0, xw1, xw2, xw3
 
 
 @triton.jit
-def _tile_dot(acc, t, HAS_OFFSETS: tl.constexpr, ZERO: tl.constexpr, USE_ASM: tl.constexpr, PREP: tl.constexpr):
+def _tile_dot(acc, t, HAS_OFFSETS: tl.constexpr, ZERO: tl.constexpr, USE_ASM: tl.constexpr):
     """acc [BN, C] += each chunk's sum_k w_k x_k, t = _load_tile's tuple."""
     b_q, b_s, b_o, xw0, xw1, xw2, xw3 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
     b_s = b_s.to(tl.float32)
     b_o = b_o.to(tl.float32) if HAS_OFFSETS else tl.zeros_like(b_s)
     b_o -= (ZERO - 8) * b_s  # _dot8 sums (c - 8) x
-    if PREP:
-        x_sum = t[7]
-        p0, p1, p2, p3 = xw0, xw1, xw2, xw3
-    else:
-        a0, b0 = _lanes(xw0)
-        a1, b1 = _lanes(xw1)
-        a2, b2 = _lanes(xw2)
-        a3, b3 = _lanes(xw3)
-        x_sum = tl.sum(((a0 + b0) + (a1 + b1)) + ((a2 + b2) + (a3 + b3)), axis=1)  # [C]
-        p0, p1, p2, p3 = _x_pairs(xw0, xw1, xw2, xw3, USE_ASM)
+    a0, b0 = _lanes(xw0)
+    a1, b1 = _lanes(xw1)
+    a2, b2 = _lanes(xw2)
+    a3, b3 = _lanes(xw3)
+    x_sum = tl.sum(((a0 + b0) + (a1 + b1)) + ((a2 + b2) + (a3 + b3)), axis=1)  # [C]
+    p0, p1, p2, p3 = _x_pairs(xw0, xw1, xw2, xw3, USE_ASM)
     d = _dot8(b_q, p0[None], p1[None], p2[None], p3[None], USE_ASM)  # [BN, C, 4]
     return acc + b_s * tl.sum(d, axis=2) + b_o * x_sum[None, :]
 
@@ -165,10 +155,10 @@ def _tile_dot(acc, t, HAS_OFFSETS: tl.constexpr, ZERO: tl.constexpr, USE_ASM: tl
                  prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["W"] % (a["SPLIT"] * a["BLOCK_C"] * 4) == 0})
 @triton.jit
-def _q4gemv_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, part_ptr, N, W, stride_qn, stride_sn,
+def _q4gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, part_ptr, N, W, stride_qn, stride_sn,
                    GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
                    SPLIT: tl.constexpr, USE_ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, PREP: tl.constexpr = False):
+                   BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
     """y[n] = sum_k x[k] w[n, k] (+ bias) for one row x (bf16, read as int32 words: x_ptr[4 w + e] holds x[8 w + 2e],
     x[8 w + 2e + 1]). Tiles of BLOCK_N rows x BLOCK_C chunks of 4 words (32 codes, within one group) (PREFETCH: the
     next tile loaded into registers before the current one is computed); per chunk sum_k w_k x_k =
@@ -190,18 +180,15 @@ def _q4gemv_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, part_ptr, 
     p_s = o_n[:, None] * stride_sn + o_c[None, :] // CPG
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     if PREFETCH:
-        t = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, start, stop, m_n, o_w, o_c, WPG, HAS_OFFSETS, EVEN,
-                       PREP)
+        t = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, start, stop, m_n, o_w, o_c, WPG, HAS_OFFSETS, EVEN)
         for w0 in range(start, stop, BLOCK_W):
-            n = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, w0 + BLOCK_W, stop, m_n, o_w, o_c, WPG,
-                           HAS_OFFSETS, EVEN, PREP)
-            acc = _tile_dot(acc, t, HAS_OFFSETS, ZERO, USE_ASM, PREP)
+            n = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, w0 + BLOCK_W, stop, m_n, o_w, o_c, WPG, HAS_OFFSETS, EVEN)
+            acc = _tile_dot(acc, t, HAS_OFFSETS, ZERO, USE_ASM)
             t = n
     else:
         for w0 in range(start, stop, BLOCK_W):
-            t = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, xs_ptr, w0, stop, m_n, o_w, o_c, WPG, HAS_OFFSETS, EVEN,
-                           PREP)
-            acc = _tile_dot(acc, t, HAS_OFFSETS, ZERO, USE_ASM, PREP)
+            t = _load_tile(p_q, p_s, s_ptr, o_ptr, x_ptr, w0, stop, m_n, o_w, o_c, WPG, HAS_OFFSETS, EVEN)
+            acc = _tile_dot(acc, t, HAS_OFFSETS, ZERO, USE_ASM)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.where(i_k == 0, tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32), 0.0)
@@ -211,11 +198,3 @@ def _q4gemv_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, part_ptr, 
     else:
         tl.store(part_ptr + i_k * N + o_n, y, mask=m_y)
 
-
-def prep_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bf16 row [1, K] -> (x in pair order: per 8-element word (x0, x4, x1, x5, x2, x6, x3, x7), fp32 sums of each
-    32-element chunk [K // 32]): what _q4gemv_kernel reads with PREP (the plain-PyTorch reference of a producer-side
-    preparation that bench/gemv_lab.py times)."""
-    k = x.shape[-1]
-    pairs = x.reshape(k // 8, 2, 4).transpose(1, 2).reshape(1, k).contiguous()
-    return pairs, x.float().reshape(k // 32, 32).sum(1)

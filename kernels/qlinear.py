@@ -6,6 +6,9 @@ k), bits=8: [N, K]; scales fp16 [N, K // group]; offsets fp16 [N, K // group] or
 an integer code (default 0). w[n, k] = (c(q[n, k]) - zero) * scales[n, k // group] + offsets[n, k // group],
 c(q) = lut[q] if lut is not None else q: symmetric formats (GGUF Q4_0, Q5_0, Q6_K, Q8_0: w = d * (q - z)) need no
 offsets tensor, an implicit offset -zero * scale per group.
+tiled: the same bytes of a 4-bit weight (groups of 128k, N % 16 == 0) stored tile-major for the tensor-core decode
+GEMV (kernels/gemv_mma.py: tile_words), which reads each 16-row tile's 128-code step as 1 KB contiguous; the loader
+tiles weights so on sm_80+ GPUs (tile()). Only the Triton kernels read them; the torch helpers untile first.
 It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
 """
 
@@ -18,10 +21,11 @@ import triton
 import triton.language as tl
 
 from .gemv4 import _q4gemv_kernel
+from .gemv_mma import q4mma, tile_words
 
 GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; up to GEMV_CHUNKED_ROWS rows run as several launches
 GEMV_CHUNKED_ROWS = 32  # above this the weight is dequantized to x.dtype in chunks and multiplied by torch
-GEMV4 = True  # False routes one-row GEMVs to the fp32 kernel (bench/gpu_decode.py times both)
+GEMV_KERNELS = ("mma", "gemv4")  # the few-row GEMVs qgemv may use, besides the fp32 kernel (benchmarks narrow it)
 DEQUANT_CHUNK_BYTES = 64 << 20  # the prefill path's dequantized-weight workspace (the memory planner counts it)
 
 
@@ -37,6 +41,7 @@ class QuantWeight:
     group: int
     shape: tuple[int, int]
     zero: int = 0
+    tiled: bool = False
 
     def __post_init__(self) -> None:
         n, k = self.shape = tuple(self.shape)
@@ -49,6 +54,7 @@ class QuantWeight:
         assert self.offsets is None or (self.offsets.dtype == torch.float16 and self.offsets.shape == self.scales.shape)
         assert self.lut is None or (self.lut.dtype == torch.float32 and tuple(self.lut.shape) == (16,) and self.bits == 4)
         assert 0 <= self.zero < 1 << self.bits, f"zero {self.zero} must be a {self.bits}-bit code"
+        assert not self.tiled or tileable(self), "only 4-bit weights without a lut in groups of 128k, N % 16 == 0"
 
     @property
     def layout(self) -> tuple[int, int, bool, bool, int]:
@@ -70,13 +76,18 @@ class QuantWeight:
             return None if t is None else t.to(device)
 
         return QuantWeight(move(self.qweight), move(self.scales), move(self.offsets), move(self.lut), self.bits,
-                           self.group, self.shape, self.zero)
+                           self.group, self.shape, self.zero, self.tiled)
+
+    @property
+    def rowmajor(self) -> torch.Tensor:
+        """qweight in row-major order (a copy when tiled)."""
+        return tile_words(self.qweight, inverse=True) if self.tiled else self.qweight
 
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] (uint8)."""
         if self.bits == 8:
             return self.qweight
-        q = self.qweight
+        q = self.rowmajor
         return torch.stack((q & 0xF, q >> 4), dim=-1).view(q.shape[0], -1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,7 +104,7 @@ class QuantWeight:
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows W[ids] -> [len(ids), K] (an embedding lookup that never dequantizes the whole table)."""
-        sub = QuantWeight(self.qweight[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
+        sub = QuantWeight(self.rowmajor[ids], self.scales[ids], None if self.offsets is None else self.offsets[ids],
                           self.lut, self.bits, self.group, (ids.numel(), self.shape[1]), self.zero)
         return sub.dequantize(dtype)
 
@@ -226,9 +237,10 @@ def _split_sum_kernel(part_ptr, y_ptr, N, stride_ym, M: tl.constexpr, SPLIT: tl.
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_LUT: tl.constexpr,
-                    ZERO: tl.constexpr, BLOCK_N: tl.constexpr):
+                    ZERO: tl.constexpr, TILED: tl.constexpr, BLOCK_N: tl.constexpr):
     """w[n, k] for one group column and BLOCK_N rows per program: grid (cdiv(N, BLOCK_N), K // GROUP). 4-bit: the
-    two nibbles of a byte are joined in registers, so each row's GROUP outputs are one contiguous store."""
+    two nibbles of a byte are joined in registers, so each row's GROUP outputs are one contiguous store. TILED:
+    qweight in gemv_mma.tile_words' order (byte b of row n in word b // 4 of step b // 64 of tile n // 16)."""
     CPB: tl.constexpr = 8 // BITS
     GB: tl.constexpr = GROUP // CPB
     i_n = tl.program_id(0).to(tl.int64)
@@ -236,7 +248,13 @@ def _dequant_kernel(qw_ptr, s_ptr, o_ptr, lut_ptr, w_ptr, N, K, stride_qn, strid
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_b = tl.arange(0, GB)
-    b_q = tl.load(qw_ptr + o_n[:, None] * stride_qn + i_g * GB + o_b[None, :], mask=m_n[:, None], other=0)
+    if TILED:
+        b = i_g * GB + o_b[None, :]
+        n = o_n[:, None]
+        p_q = (((n // 16) * (K // 128) + b // 64) * 256 + (n % 16) * 16 + (b % 64) // 4) * 4 + b % 4
+    else:
+        p_q = o_n[:, None] * stride_qn + i_g * GB + o_b[None, :]
+    b_q = tl.load(qw_ptr + p_q, mask=m_n[:, None], other=0)
     b_s = tl.load(s_ptr + o_n * stride_sn + i_g, mask=m_n, other=0.0).to(tl.float32)[:, None]
     b_o = 0.0
     if HAS_OFFSETS:
@@ -261,35 +279,93 @@ def _bf16x2_arith(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def tileable(qw: QuantWeight) -> bool:
+    """Whether the weight's layout has a tiled form (and so the tensor-core GEMV)."""
+    return qw.bits == 4 and qw.lut is None and qw.group % 128 == 0 and qw.shape[0] % 16 == 0
+
+
+def tiles(qw: QuantWeight) -> bool:
+    """Whether tile() tiles qw: a tileable row-major weight on an sm_80+ GPU."""
+    return not qw.tiled and tileable(qw) and qw.device.type == "cuda" and _bf16x2_arith(qw.device)
+
+
+def tile(qw: QuantWeight) -> QuantWeight:
+    """The weight as decode reads it fastest: tiled on an sm_80+ GPU when tileable (the same bytes, reordered; the
+    loader calls this), else unchanged."""
+    if not tiles(qw):
+        return qw
+    return QuantWeight(tile_words(qw.qweight), qw.scales, qw.offsets, None, 4, qw.group, qw.shape, qw.zero, True)
+
+
+def gate_up_order(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The rows of a fused [gate; up] projection (n = 2I, I % 8 == 0) in the order gate 0-7, up 0-7, gate 8-15, up
+    8-15, ...: each 16-row tile of the tensor-core GEMV then holds the gate and up rows its SiLU epilogue pairs."""
+    return torch.arange(n, device=device).view(2, n // 16, 8).transpose(0, 1).reshape(n)
+
+
+def interleave_gate_up(qw: QuantWeight) -> QuantWeight:
+    """A row-major fused [gate; up] weight with its rows in gate_up_order (a bias must be reordered the same way).
+    silu_mul_interleaved undoes the order on a full output."""
+    assert not qw.tiled and qw.shape[0] % 16 == 0
+    idx = gate_up_order(qw.shape[0], qw.device)
+    return QuantWeight(qw.qweight[idx], qw.scales[idx], None if qw.offsets is None else qw.offsets[idx], qw.lut,
+                       qw.bits, qw.group, qw.shape, qw.zero)
+
+
+def silu_mul_interleaved(y: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] in interleave_gate_up's row order -> silu(gate) * up [..., I] (in fp32, rounded once)."""
+    v = y.float().unflatten(-1, (-1, 2, 8))
+    return (F.silu(v[..., 0, :]) * v[..., 1, :]).flatten(-2).to(y.dtype)
+
+
+def _mma_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
+    return ("mma" in GEMV_KERNELS and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None
+            and qw.group % 128 == 0 and (not x.is_cuda or _bf16x2_arith(x.device)))
+
+
 def _gemv4_ok(x: torch.Tensor, qw: QuantWeight) -> bool:
-    return (x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4 and qw.lut is None
-            and qw.group % 32 == 0 and (not x.is_cuda or _bf16x2_arith(x.device)))
+    return ("gemv4" in GEMV_KERNELS and x.shape[0] == 1 and x.dtype == torch.bfloat16 and qw.bits == 4
+            and qw.lut is None and qw.group % 32 == 0 and not qw.tiled and (not x.is_cuda or _bf16x2_arith(x.device)))
 
 
 def qgemv(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-          split: int = 1) -> torch.Tensor:
+          split: int = 1, silu: bool = False) -> torch.Tensor:
     """x: [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x.dtype (fused dequantize + GEMV), into `out` if given.
-    One bf16 row against a 4-bit weight without a code table runs kernels/gemv4.py (packed bf16x2 arithmetic), the
-    rest the fp32 kernel above. split: K-slices run as separate programs, then summed in a fixed order (on the H200
-    gemv4 ran down_proj in 36 us unsplit, 40 us at split 4: bench/RESULTS.md)."""
+    bf16 rows against a 4-bit weight without a code table in groups of 128k run kernels/gemv_mma.py (tensor cores;
+    the only kernel for a tiled weight, which other rows dequantize for); one bf16 row against other 4-bit groups
+    kernels/gemv4.py (packed bf16x2 arithmetic); the rest the fp32 kernel above. split (gemv4 and the fp32 kernel):
+    K-slices run as separate programs, then summed in a fixed order (on the H200 gemv4 ran down_proj in 36 us
+    unsplit, 40 us at split 4: bench/RESULTS.md). silu: qw's rows in interleave_gate_up's order, -> silu(gate) * up
+    [M, N / 2] (tensor-core kernel only)."""
     M, K = x.shape
     N = qw.shape[0]
     assert 1 <= M <= GEMV_MAX_ROWS and K == qw.shape[1], f"x {tuple(x.shape)} vs weight {qw.shape}"
     assert _kernel_ok(qw), f"group {qw.group} must be a power of two in [16, 1024]"
     assert x.stride(1) == 1 and qw.qweight.is_contiguous() and qw.scales.is_contiguous()
     assert x.device == qw.device and (bias is None or bias.shape == (N,))
+    if silu:  # the tensor-core kernel's epilogue; else the full output, then the SiLU
+        if not _mma_ok(x, qw):
+            y = silu_mul_interleaved(qgemv(x, qw, bias))
+            return y if out is None else out.copy_(y)
+        y = torch.empty(M, N // 2, dtype=x.dtype, device=x.device) if out is None else out
+        return q4mma(x, qw.qweight, qw.scales, qw.offsets, qw.group, qw.zero, qw.tiled, bias, y, silu=True)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     assert y.shape == (M, N) and y.stride(1) == 1
+    if _mma_ok(x, qw):
+        return q4mma(x, qw.qweight, qw.scales, qw.offsets, qw.group, qw.zero, qw.tiled, bias, y)
+    if qw.tiled:  # rows the tensor-core kernel does not take (fp32 ones)
+        y.copy_(F.linear(x, dequantize(qw, x.dtype), bias))
+        return y
     s = qw.scales
     o = s if qw.offsets is None else qw.offsets
     b = s if bias is None else bias
     qw32 = qw.qweight.view(torch.int32)  # little-endian: byte j of a word holds codes 4j.. of the word, in k order
     W = qw32.shape[1]
-    four = GEMV4 and _gemv4_ok(x, qw)
+    four = _gemv4_ok(x, qw)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     if four:
         _q4gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)](
-            x.view(torch.int32), s, qw32, s, o, b, y, part, N, W, qw32.stride(0), s.stride(0), GROUP=qw.group,
+            x.view(torch.int32), qw32, s, o, b, y, part, N, W, qw32.stride(0), s.stride(0), GROUP=qw.group,
             HAS_OFFSETS=qw.offsets is not None, HAS_BIAS=bias is not None, ZERO=qw.zero, SPLIT=split,
             USE_ASM=x.is_cuda)
     else:
@@ -309,6 +385,7 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype, rows: tuple[int, int] | None
     """Rows [start, stop) of the weight (all by default) dequantized by the Triton kernel -> [stop - start, K]."""
     start, stop = rows or (0, qw.shape[0])
     assert 0 <= start < stop <= qw.shape[0] and _kernel_ok(qw)
+    assert not qw.tiled or start % 16 == stop % 16 == 0, "a tiled weight's rows come in whole 16-row tiles"
     N, K = stop - start, qw.shape[1]
     w = torch.empty(N, K, dtype=dtype, device=qw.device) if out is None else out
     assert w.shape == (N, K) and w.stride(1) == 1
@@ -318,7 +395,7 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype, rows: tuple[int, int] | None
         qw.qweight[start:stop], s, s if qw.offsets is None else qw.offsets[start:stop],
         s if qw.lut is None else qw.lut, w, N, K, qw.qweight.stride(0), s.stride(0), w.stride(0), BITS=qw.bits,
         GROUP=qw.group, HAS_OFFSETS=qw.offsets is not None, HAS_LUT=qw.lut is not None, ZERO=qw.zero,
-        BLOCK_N=block_n)
+        TILED=qw.tiled, BLOCK_N=block_n)
     return w
 
 
@@ -397,6 +474,7 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
     group = min(p.group for p in parts)
     zero = parts[0].zero if len({p.zero for p in parts}) == 1 else 0
     any_offsets = any(p.offsets is not None or p.zero != zero for p in parts)
+    assert not any(p.tiled for p in parts), "concat_rows takes row-major parts (tile the result)"
     qweights, scales, offsets = [], [], []
     for p in parts:
         qweights.append(p.qweight if p.bits == bits else pack_codes(p.codes(), bits))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from openclaw.kernels.decode_attention import decode_attention
 from openclaw.kernels.decode_ops import add_rmsnorm
-from openclaw.kernels.qlinear import QuantWeight, qlinear, qlinear_parts
+from openclaw.kernels.qlinear import GEMV_MAX_ROWS, QuantWeight, qgemv, qlinear, qlinear_parts, silu_mul_interleaved
 from torch import nn
 
 
@@ -241,6 +241,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.qweight = None  # QuantWeight [out_features, in_features] or a list of row blocks, set by the loader
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.gated = False  # a [gate; up] projection (set by the MLP): the loader may interleave its rows
+        self.interleaved = False  # rows in qlinear.interleave_gate_up's order (set by the loader)
 
     @property
     def parts(self) -> list[QuantWeight]:
@@ -255,6 +257,15 @@ class QuantLinear(nn.Module):
         if x.is_cuda:
             return qlinear(x, self.qweight, self.bias)
         return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of an interleaved [gate; up] projection -> [..., out_features / 2]: up to GEMV_MAX_ROWS bf16
+        rows on the GPU in one kernel (the tensor-core GEMV's SiLU epilogue), else the output reordered."""
+        assert self.interleaved
+        x2 = x.reshape(-1, x.shape[-1])
+        if x.is_cuda and 1 <= x2.shape[0] <= GEMV_MAX_ROWS:
+            return qgemv(x2.contiguous(), self.qweight, self.bias, silu=True).view(*x.shape[:-1], -1)
+        return silu_mul_interleaved(self.forward(x))
 
 
 class QuantEmbedding(nn.Module):

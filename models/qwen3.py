@@ -119,9 +119,12 @@ class MLP(nn.Module):
         super().__init__()
         self.inter = cfg.intermediate_size
         self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantized)
+        self.gate_up_proj.gated = True
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if getattr(self.gate_up_proj, "interleaved", False):  # a 4-bit weight on the GPU: SiLU in the GEMV
+            return self.down_proj(self.gate_up_proj.silu_mul(x))
         if fused:
             return self.down_proj(silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openclaw.errors import OpenClawError
-from openclaw.kernels.qlinear import QuantWeight, concat_rows, quantize_rtn
+from openclaw.kernels.qlinear import QuantWeight, concat_rows, interleave_gate_up, quantize_rtn, tile, tiles
 from openclaw.models import qwen3
 from openclaw.models.layers import QuantEmbedding, QuantLinear
 from openclaw.weight_size import rtn_group
@@ -136,6 +136,7 @@ def save_quantized(path: Path, tensors: dict[str, torch.Tensor | QuantWeight]) -
     flat, layouts = {}, {}
     for name, t in tensors.items():
         if isinstance(t, QuantWeight):
+            assert not t.tiled, f"{name}: save the row-major weight (a tiled one is a GPU decode layout)"
             present = [p for p in _QPARTS if getattr(t, p) is not None]
             layouts[name] = [t.bits, t.group, *t.shape, t.zero]
             layouts[f"{name}#parts"] = present
@@ -270,6 +271,10 @@ def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[
 
 
 def _set_quantized(module: torch.nn.Module, qw: QuantWeight | list[QuantWeight], dtype: torch.dtype) -> None:
-    module.qweight = qw
     if isinstance(module, QuantEmbedding):
-        module.dtype = dtype
+        module.qweight, module.dtype = qw, dtype
+    elif isinstance(qw, list):  # linear weights in the order decode reads fastest (tiled on sm_80+)
+        module.qweight = [tile(p) for p in qw]
+    else:  # a fused [gate; up] that tiles gets its rows interleaved too, for the GEMV's SiLU epilogue
+        module.interleaved = module.gated and module.bias is None and tiles(qw)
+        module.qweight = tile(interleave_gate_up(qw) if module.interleaved else qw)

@@ -3,13 +3,13 @@ interpreter on the CPU, the real kernels on CUDA), on tiny, odd and real Qwen3-3
 without offsets, a zero code and a code table; weights kept in parts of different layouts; plus the layout helpers
 (packing, fusing, RTN)."""
 
-import itertools
-
 import pytest
 import torch
 import triton
 from conftest import assert_close
-from openclaw.kernels.gemv4 import _q4gemv_kernel, prep_x
+from openclaw.kernels import qlinear as ql
+from openclaw.kernels.gemv4 import _q4gemv_kernel
+from openclaw.kernels.gemv_mma import tile_words
 from openclaw.kernels.qlinear import (
     QuantWeight,
     concat_rows,
@@ -39,6 +39,11 @@ def random_weight(n: int, k: int, bits: int, group: int, offsets: bool, lut: boo
     offs = (torch.randn(n, k // group, generator=g) * 0.05).half() if offsets else None
     return QuantWeight(pack_codes(codes, bits), scales, offs, NF4.clone() if lut else None, bits, group,
                        (n, k), zero).to(DEV)
+
+
+def tiled(qw: QuantWeight) -> QuantWeight:
+    """qw with its words tile-major (as the loader stores 4-bit weights for the tensor-core GEMV on a GPU)."""
+    return QuantWeight(tile_words(qw.qweight), qw.scales, qw.offsets, None, 4, qw.group, qw.shape, qw.zero, True)
 
 
 def check(qw: QuantWeight, m: int, dtype=torch.float32, bias: bool = False) -> None:
@@ -115,12 +120,97 @@ def test_dequantize_kernel_writes_every_element(bits, offsets, zero):
 
 
 @pytest.mark.parametrize("n,k", QWEN3_32B)
-def test_real_shapes_awq_layout(n, k):
-    """One fp32 row: the fp32 kernel (which also serves batched decode); one bf16 row: kernels/gemv4.py (its
-    plain-Triton leaves in the interpreter, the PTX ones on CUDA)."""
+def test_real_shapes_awq_layout(n, k, monkeypatch):
+    """One fp32 row: the fp32 kernel (which also serves 8-bit and NF4 weights); bf16 rows: the tensor-core kernel on
+    the weight tiled as the loader stores it (on CUDA: the interpreter takes minutes per shape at 16 rows per
+    program; test_mma_real_k covers real K there) and kernels/gemv4.py (its plain-Triton leaves in the
+    interpreter, the PTX ones on CUDA)."""
     qw = random_weight(n, k, 4, 128, True, False)
     check(qw, 1)
+    if CUDA:
+        check(tiled(qw), 1, torch.bfloat16)
+        check(tiled(qw), 8, torch.bfloat16)
+    monkeypatch.setattr(ql, "GEMV_KERNELS", ("gemv4",))
     check(qw, 1, torch.bfloat16)
+
+
+# kernels/gemv_mma.py's cases: (rows, groups, group, offsets, zero, x rows, tiled): partial 16-row tiles (5, 37 rows,
+# row-major), step counts the interpreter's slices do not divide (3, 5, 9), group 256, a zero code without offsets,
+# 1-8 x rows
+MMA = [(5, 3, 128, True, 0, 1, False), (37, 5, 128, False, 8, 3, False), (48, 9, 128, True, 0, 8, True),
+       (32, 4, 256, True, 3, 2, True), (64, 16, 128, False, 0, 1, True), (16, 2, 128, True, 15, 5, True)]
+
+
+@pytest.mark.parametrize("n,groups,group,offsets,zero,m,is_tiled", MMA)
+def test_mma_bf16_rows(n, groups, group, offsets, zero, m, is_tiled):
+    qw = random_weight(n, groups * group, 4, group, offsets, False, seed=n, zero=zero)
+    w = tiled(qw) if is_tiled else qw
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, qw.shape[1], generator=g) * 4).to(DEV, torch.bfloat16)
+    for b in (None, torch.randn(n, generator=g).to(DEV, torch.bfloat16)):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+        qgemv(x, w, b, out=out)
+        assert_close(out, qlinear_ref(x, qw, b), torch.bfloat16, matmul=True)
+
+
+@pytest.mark.parametrize("k", [5120, 25600])
+def test_mma_real_k(k):
+    """Qwen3-32B's K (q/gate/up and down_proj) on a few rows, tiled and row-major, 1 and 8 x rows."""
+    qw = random_weight(32, k, 4, 128, True, False, seed=k)
+    for w, m in [(tiled(qw), 1), (tiled(qw), 8), (qw, 1)]:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, torch.bfloat16)
+        assert_close(qgemv(x, w), qlinear_ref(x, qw), torch.bfloat16, matmul=True)
+
+
+@pytest.mark.parametrize("m,bias", [(1, False), (3, True), (8, False)])
+def test_gate_up_with_silu_in_the_epilogue(m, bias):
+    """gate_up interleaved (gate rows 0-7, up rows 0-7, ...) and tiled, the SiLU-mul in the GEMV's epilogue (from the
+    fp32 sums): equals silu(gate) * up of the row-major weight at a GEMV's tolerance; prefill reorders the full bf16
+    output instead, whose gate and up are rounded to bf16 before their product (as in the unfused MLP): relative RMS
+    within 1e-2 there (three roundings of up to 2^-8)."""
+    from openclaw.models.layers import QuantLinear
+
+    def silu_mul(x):
+        gate, up = qlinear_ref(x, qw, b).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def close_after_rounding(actual, ref):
+        assert ((actual.float().cpu() - ref.cpu()).norm() / ref.cpu().norm()).item() <= 1e-2
+
+    qw = random_weight(96, 384, 4, 128, True, False, seed=m)  # I = 48: gate rows 0-47, up rows 48-95
+    g = torch.Generator().manual_seed(m)
+    b = torch.randn(96, generator=g).to(DEV, torch.bfloat16) if bias else None
+    x = torch.randn(m, 384, generator=g).to(DEV, torch.bfloat16)
+    w = tiled(ql.interleave_gate_up(qw))
+    bi = None if b is None else b[ql.gate_up_order(96, DEV)]  # the bias in the weight's row order
+    assert_close(qgemv(x, w, bi, silu=True), silu_mul(x), torch.bfloat16, matmul=True)
+    close_after_rounding(ql.silu_mul_interleaved(qlinear(x, w, bi)), silu_mul(x))
+    lin = QuantLinear(384, 96, bias)
+    lin.qweight, lin.interleaved = w, True
+    if bias:
+        lin.bias.data = bi
+    assert_close(lin.silu_mul(x), silu_mul(x), torch.bfloat16, matmul=True)
+    xs = torch.randn(2, 20, 384, generator=g).to(DEV, torch.bfloat16)  # 40 rows: the prefill path
+    close_after_rounding(lin.silu_mul(xs), silu_mul(xs))
+
+
+def test_tiled_weight_round_trips_and_serves_every_path():
+    """A tiled weight holds the same codes; prefill (dequantize by whole tiles, then a matmul), fp32 rows (which the
+    tensor-core kernel does not take) and lookups all read it right; only tileable layouts tile, and never on the
+    CPU."""
+    qw = random_weight(48, 384, 4, 128, True, False, seed=5)
+    t = tiled(qw)
+    assert not torch.equal(t.qweight, qw.qweight) and torch.equal(tile_words(t.qweight, inverse=True), qw.qweight)
+    assert torch.equal(t.codes(), qw.codes())
+    assert_close(dequantize(t, torch.float32, rows=(16, 48)), qw.dequantize()[16:48], torch.float32)
+    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(0)).to(DEV)
+    assert_close(qgemv(x, t), qlinear_ref(x, qw), torch.float32, matmul=True)
+    xp = torch.randn(40, 384, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    assert_close(qlinear(xp, t), qlinear_ref(xp, qw), torch.bfloat16, matmul=True)
+    assert torch.equal(t.rows(torch.tensor([3, 40], device=DEV), torch.float32), qw.dequantize()[[3, 40]])
+    assert ql.tile(random_weight(48, 384, 8, 128, True, False)).tiled is False
+    assert ql.tile(random_weight(40, 384, 4, 128, True, False)).tiled is False  # N % 16 != 0
+    assert ql.tile(qw).tiled is CUDA
 
 
 # kernels/gemv4.py's cases: (rows, groups, group, offsets, zero, split): partial row tiles and K-slices (5 / 37 rows,
@@ -130,7 +220,8 @@ GEMV4 = [(5, 3, 128, True, 0, 1), (37, 5, 32, True, 0, 3), (64, 16, 128, True, 0
 
 
 @pytest.mark.parametrize("n,groups,group,offsets,zero,split", GEMV4)
-def test_gemv4_bf16_row(n, groups, group, offsets, zero, split):
+def test_gemv4_bf16_row(n, groups, group, offsets, zero, split, monkeypatch):
+    monkeypatch.setattr(ql, "GEMV_KERNELS", ("gemv4",))  # group 128 would go to the tensor-core kernel
     qw = random_weight(n, groups * group, 4, group, offsets, False, seed=n, zero=zero)
     g = torch.Generator().manual_seed(groups)
     x = (torch.randn(1, qw.shape[1], generator=g) * 4).to(DEV, torch.bfloat16)
@@ -144,20 +235,18 @@ def test_gemv4_bf16_row(n, groups, group, offsets, zero, split):
 @pytest.mark.parametrize("n,groups,split", [(64, 16, 1), (40, 9, 2)])
 def test_gemv4_every_config_path(n, groups, split, prefetch):
     """The autotuner's choices the interpreter never picks: each tile shape of the H200 configs, with and without the
-    register prefetch, on whole tiles (64 x 2048: no masks) and partial ones; and x prepared in pair order with its
-    chunk sums (PREP, bench/gemv_lab.py's experiment)."""
+    register prefetch, on whole tiles (64 x 2048: no masks) and partial ones."""
     qw = random_weight(n, groups * 128, 4, 128, True, False, seed=3)
     x = torch.randn(1, qw.shape[1], generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
     ref = qlinear_ref(x, qw)
     qw32, s = qw.qweight.view(torch.int32), qw.scales
-    xp, xs = prep_x(x)
-    for (bn, bc), prep in itertools.product([(4, 32), (8, 16), (8, 32)], [False, True]):
+    for bn, bc in [(4, 32), (8, 16), (8, 32)]:
         out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV)
         part = torch.empty(split, n, device=DEV)
         _q4gemv_kernel.fn[(triton.cdiv(n, bn), split)](
-            (xp if prep else x).view(torch.int32), xs, qw32, s, qw.offsets, s, out if split == 1 else part, part, n,
-            qw32.shape[1], qw32.stride(0), s.stride(0), GROUP=128, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0,
-            SPLIT=split, USE_ASM=CUDA, BLOCK_N=bn, BLOCK_C=bc, PREFETCH=prefetch, PREP=prep, num_warps=1)
+            x.view(torch.int32), qw32, s, qw.offsets, s, out if split == 1 else part, part, n, qw32.shape[1],
+            qw32.stride(0), s.stride(0), GROUP=128, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0, SPLIT=split,
+            USE_ASM=CUDA, BLOCK_N=bn, BLOCK_C=bc, PREFETCH=prefetch, num_warps=1)
         if split > 1:
             out = part.sum(0, keepdim=True)
         assert_close(out, ref, torch.bfloat16, matmul=True)
@@ -242,7 +331,10 @@ def test_quant_linear_on_cpu_is_the_reference():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n,k", QWEN3_32B + [(151936, 5120)])
 def test_gpu_real_shapes_bf16(n, k):
+    """Every kernel on the real shapes in bf16: 4-bit group 128 row-major and tiled (the tensor-core GEMV up to 16
+    rows, dequantize + cuBLAS at 512), NF4, 8-bit."""
     for bits, group, offsets, lut in [(4, 128, True, False), (4, 64, False, True), (8, 128, True, False)]:
         qw = random_weight(n, k, bits, group, offsets, lut)
-        for m in (1, 5, 8, 16, 512):
-            check(qw, m, torch.bfloat16, bias=m == 5)
+        for w in [qw] + ([tiled(qw)] if ql.tileable(qw) else []):
+            for m in (1, 5, 8, 16, 512):
+                check(w, m, torch.bfloat16, bias=m == 5)

@@ -37,14 +37,15 @@ def make_hf_model(kind: str, path: Path, **overrides):
     return model
 
 
-def full_forward(model, ids: list[int], dtype=torch.float32) -> torch.Tensor:
+def full_forward(model, ids: list[int], dtype=torch.float32, device: str = "cpu") -> torch.Tensor:
     """Our model over ids in one step through a fresh pool: logits [T, V] of every position."""
     cfg = model.config
-    pool = KVPool(cfg.num_hidden_layers, len(ids), cfg.num_key_value_heads, cfg.head_dim, dtype, "cpu")
+    pool = KVPool(cfg.num_hidden_layers, len(ids), cfg.num_key_value_heads, cfg.head_dim, dtype, device)
     T = len(ids)
-    meta = BatchMeta(slot_mapping=torch.arange(T), seqs=[(0, T, 0, T)], sample_idx=torch.arange(T))
+    meta = BatchMeta(slot_mapping=torch.arange(T, device=device), seqs=[(0, T, 0, T)],
+                     sample_idx=torch.arange(T, device=device))
     with torch.inference_mode():
-        return model(torch.tensor(ids), torch.arange(T), meta, pool.k, pool.v)
+        return model(torch.tensor(ids, device=device), torch.arange(T, device=device), meta, pool.k, pool.v)
 
 
 def quantized_copy(src, dst, bits: int = 4, group: int = 32, mixed: bool = False):
