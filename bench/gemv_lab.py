@@ -1,10 +1,10 @@
-"""The GEMV experiment behind kernels/gemv4.py and kernels/qlinear.py (H200; bench/RESULTS.md). Times in a CUDA graph
-over rotating weight copies, per Qwen3-32B decode shape (one bf16 row), gemv4 (packed bf16x2) at each of its tile
-shapes x register prefetch x register cap (maxnreg: occupancy against spills) x split-K against the fp32 kernel at
-its configs, each with the fixed-order split sum, and checks every output against the fp32 reference. gemv4-prep:
-the same kernel reading x already in pair order with its chunk sums (gemv4.prep_x, outside the timing): the most a
-producer-side preparation of x (in add+RMSNorm / SiLU-mul) could gain.
-GPU: python bench/gemv_lab.py [--json out.json]; CPU (interpreter, correctness only): --small."""
+"""The GEMV experiment behind kernels/gemv_mma.py, kernels/gemv4.py and kernels/qlinear.py (H200; bench/RESULTS.md).
+Per Qwen3-32B decode shape (bf16 rows), timed in a CUDA graph over rotating weight copies: the tensor-core kernel
+(gemv_mma) at each slice count, on row-major and tiled words, and at 2-8 x rows against the fp32 kernel; gemv4
+(packed bf16x2) at each tile shape x register prefetch x split-K; the fp32 kernel at its configs (split sums in a
+fixed order); with --read, the read pattern alone. Every output is checked against the fp32 reference.
+GPU: python bench/gemv_lab.py [--json out.json] [--read] [--only qkv,down]; CPU (interpreter, correctness only):
+--small."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ from functools import partial
 import torch
 import triton
 import triton.language as tl
-from openclaw.kernels import gemv4
+from openclaw.kernels import gemv4, gemv_mma
 from openclaw.kernels import qlinear as ql
 
 
@@ -35,18 +35,36 @@ def run_fp32(x, qw, out, cfg, part):
     _sum(part, out, n, split)
 
 
-def run_gemv4(x, qw, out, cfg, part, prep=None):
-    """gemv4 at one config (prep: gemv4.prep_x(x), read with PREP); returns the compiled kernel."""
+def run_gemv4(x, qw, out, cfg, part):
+    """gemv4 at one config; returns the compiled kernel."""
     qw32 = qw.qweight.view(torch.int32)
     n, split = qw.shape[0], cfg["SPLIT"]
     kw = {k: v for k, v in cfg.items() if k != "SPLIT"}
-    xs = qw.scales if prep is None else prep[1]
     k = gemv4._q4gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]), split)](
-        (x if prep is None else prep[0]).view(torch.int32), xs, qw32, qw.scales, qw.offsets, qw.scales, out, part, n,
-        qw32.shape[1], qw32.stride(0), qw.scales.stride(0), GROUP=qw.group, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0,
-        SPLIT=split, USE_ASM=x.is_cuda, PREP=prep is not None, **kw)
+        x.view(torch.int32), qw32, qw.scales, qw.offsets, qw.scales, out, part, n, qw32.shape[1], qw32.stride(0),
+        qw.scales.stride(0), GROUP=qw.group, HAS_OFFSETS=True, HAS_BIAS=False, ZERO=0, SPLIT=split,
+        USE_ASM=x.is_cuda, **kw)
     _sum(part, out, n, split)
     return k
+
+
+_TILED = {}
+
+
+def run_mma(x, qw, out, cfg, part, tiled=False):
+    """kernels/gemv_mma.py at one config (x: up to 8 rows; tiled: the words tile-major, gemv_mma.tile_words, made
+    once per copy outside the timing); returns the compiled kernel."""
+    w = qw.qweight
+    if tiled:
+        if id(w) not in _TILED:
+            _TILED[id(w)] = (w, gemv_mma.tile_words(w))  # keeps the key's tensor alive
+        w = _TILED[id(w)][1]
+    s, n = qw.scales, qw.shape[0]
+    return gemv_mma._q4mma_kernel.fn[(triton.cdiv(n, 16),)](
+        x.view(torch.int32), w.view(torch.int32), s, qw.offsets, s, out, x.shape[0], n, w.shape[1] // 4,
+        x.stride(0) // 2, w.stride(0) // 4, s.stride(0), out.stride(0), GROUP=qw.group, HAS_OFFSETS=True,
+        HAS_BIAS=False, ZERO=0, TILED=tiled, SILU=False, USE_ASM=x.is_cuda, TILES=1, SLICES=cfg["SLICES"],
+        num_warps=cfg["num_warps"])
 
 
 @triton.jit
@@ -78,8 +96,9 @@ def _call(run, x, out, cfg, part, qw):
 
 FP32 = [{"BLOCK_N": bn, "BLOCK_W": bw, "num_warps": nw, "SPLIT": sp}
         for bn, bw, nw in [(8, 64, 1), (16, 128, 2)] for sp in (1, 4)]
-GEMV4 = [{"BLOCK_N": bn, "BLOCK_C": bc, "num_warps": 1, "PREFETCH": pf} | ({"maxnreg": r} if r else {})
-         for bn, bc, pf in [(4, 32, 1), (8, 16, 0), (8, 16, 1), (8, 32, 0)] for r in (0, 128, 96, 80, 64)]
+GEMV4 = [{"BLOCK_N": bn, "BLOCK_C": bc, "num_warps": 1, "PREFETCH": pf}
+         for bn, bc, pf in [(4, 32, 1), (8, 16, 0), (8, 16, 1), (8, 32, 0)]]
+MMA = [{"SLICES": s, "num_warps": w, "SPLIT": 1} for s, w in [(2, 2), (4, 4), (8, 8), (8, 4), (16, 8)]]
 
 
 def main():
@@ -110,9 +129,8 @@ def main():
         copies = [qw] + [ql.QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, 4, 128,
                                         qw.shape) for _ in range(n_copies)]
         gemv4_cfgs = [{**c, "SPLIT": sp} for c in GEMV4 for sp in splits]
-        prep_cfgs = [{**c, "SPLIT": sp} for c in GEMV4 if "maxnreg" not in c for sp in splits]
-        kinds = [("fp32", FP32, run_fp32), ("gemv4", gemv4_cfgs, run_gemv4),
-                 ("gemv4-prep", prep_cfgs, partial(run_gemv4, prep=gemv4.prep_x(x)))]
+        kinds = [("fp32", FP32, run_fp32), ("gemv4", gemv4_cfgs, run_gemv4), ("mma", MMA, run_mma),
+                 ("mma-tiled", MMA, partial(run_mma, tiled=True))]
         for kind, cfgs, run in kinds + [("read", READ, run_read)] * args.read:
             for cfg in cfgs:
                 out.fill_(float("nan"))
@@ -124,10 +142,13 @@ def main():
                 rows.append((us, kind, cfg, err))
         rows.sort(key=lambda r: r[0])
         print(f"{name} {n}x{k} {qw.nbytes / 1e6:.1f} MB")
-        for us, kind, cfg, err in rows[:10]:
+        for us, kind, cfg, err in rows[:14]:
             print(f"   {kind} {us:7.1f} us {qw.nbytes / max(us, 1e-9) / 1e3:6.0f} GB/s err {err:.1e} {cfg}")
         print(f"   worst err {max(r[3] for r in rows):.1e}")
-        for kind in ("fp32", "gemv4", "gemv4-prep", "read")[:3 + args.read]:
+        for us, kind, cfg, err in rows:
+            if err > 1e-2:
+                print(f"   WRONG {kind} err {err:.1e} {cfg}")
+        for kind in ("fp32", "gemv4", "mma", "mma-tiled", "read")[:4 + args.read]:
             us, _, cfg, _ = next(r for r in rows if r[1] == kind)
             print(f"   best {kind}: {us:.1f} us {cfg}")
         for sp in splits:
@@ -136,9 +157,17 @@ def main():
         for pf in (0, 1):
             us, _, cfg, _ = next(r for r in rows if r[1] == "gemv4" and r[2]["PREFETCH"] == pf)
             print(f"   best gemv4 prefetch {pf}: {us:.1f} us {cfg}")
-        for cap in (0, 128, 96, 80, 64):
-            us, _, cfg, _ = next(r for r in rows if r[1] == "gemv4" and r[2].get("maxnreg", 0) == cap)
-            print(f"   best gemv4 maxnreg {cap or 'none'}: {us:.1f} us {cfg}")
+        if dev == "cuda":  # batched decode: the tiled mma kernel's best config at M rows against the fp32 kernel
+            cfg = next(r for r in rows if r[1] == "mma-tiled")[2]
+            for m in (2, 4, 8):
+                xm = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                om = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+                ref_m = ql.qlinear_ref(xm, qw)
+                run_mma(xm, qw, om, cfg, part, tiled=True)
+                err = ((om.float() - ref_m).norm() / ref_m.norm()).item()
+                us = graph_us(partial(_call, partial(run_mma, tiled=True), xm, om, cfg, part), copies)
+                us32 = graph_us(lambda c, xm=xm, om=om: ql.qgemv(xm, c, out=om), copies)
+                print(f"   M={m}: mma {us:.1f} us, qgemv (fp32 kernel) {us32:.1f} us, mma rel err {err:.1e}")
         res.append({"shape": name, "rows": rows})
     if args.json:
         with open(args.json, "w") as f:

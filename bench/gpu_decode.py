@@ -87,9 +87,10 @@ def graph_us(fn, copies: list, calls: int = 8) -> float:
 
 
 def kernel_table(copy_bw: float) -> list[dict]:
-    """Each Qwen3-32B linear shape alone, one bf16 row in a CUDA graph: the 4-bit GEMV as decode runs it (gemv4 for
-    4-bit, the fp32 kernel for 8-bit), the same at split-K 4, the fp32 kernel, and bf16 cuBLAS; prefill M=512 vs
-    bf16 GEMM."""
+    """Each Qwen3-32B linear shape alone, one bf16 row in a CUDA graph: the GEMV as decode runs it (4-bit: the
+    tensor-core kernel on the tiled weight the loader makes, gate_up with its SiLU epilogue; 8-bit: the fp32
+    kernel), gemv4 and the fp32 kernel on the row-major weight, and bf16 cuBLAS; prefill M=512 (dequantize + cuBLAS)
+    vs bf16 GEMM."""
     from openclaw.kernels import qlinear as ql
     from triton.testing import do_bench
 
@@ -102,19 +103,25 @@ def kernel_table(copy_bw: float) -> list[dict]:
         xp = torch.randn(512, k, device="cuda", dtype=torch.bfloat16)
         copies = [qw] + [ql.QuantWeight(qw.qweight.clone(), qw.scales.clone(), qw.offsets.clone(), None, qw.bits,
                                         qw.group, qw.shape) for _ in range(max(1, (200 << 20) // qw.nbytes))]
-        ms_q = graph_us(partial(ql.qgemv, x1), copies) / 1e3
-        us_split4 = graph_us(partial(ql.qgemv, x1, split=4), copies)
-        ql.GEMV4 = False
-        try:
-            us_fp32 = graph_us(partial(ql.qgemv, x1, split=1), copies)
-        finally:
-            ql.GEMV4 = True
+        if name == "gate_up":  # as decode runs it: rows interleaved, SiLU-mul in the GEMV's epilogue
+            ms_q = graph_us(partial(ql.qgemv, x1, silu=True), [ql.tile(ql.interleave_gate_up(c)) for c in copies])
+        else:
+            ms_q = graph_us(partial(ql.qgemv, x1), [ql.tile(c) for c in copies])
+        ms_q /= 1e3
+        us_kind = {}
+        for kind in ("gemv4", ""):
+            ql.GEMV_KERNELS = (kind,)
+            try:
+                us_kind[kind] = graph_us(partial(ql.qgemv, x1), copies)
+            finally:
+                ql.GEMV_KERNELS = ("mma", "gemv4")
+        qw = ql.tile(qw)
         del copies
         ms_b = do_bench(partial(F.linear, x1, w), warmup=25, rep=100, return_mode="median")
         ms_qp = do_bench(partial(ql.qlinear, xp, qw), warmup=10, rep=50, return_mode="median")
         ms_bp = do_bench(partial(F.linear, xp, w), warmup=10, rep=50, return_mode="median")
         rows.append({"shape": f"{name} {k}->{n}", "q_us": ms_q * 1e3, "q_gbs": qw.nbytes / ms_q / 1e6,
-                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "split4_us": us_split4, "fp32_us": us_fp32,
+                     "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "gemv4_us": us_kind["gemv4"], "fp32_us": us_kind[""],
                      "bf16_us": ms_b * 1e3,
                      "bf16_frac": w.numel() * 2 / (ms_b / 1e3) / copy_bw, "prefill512_ms": ms_qp,
                      "bf16_prefill512_ms": ms_bp})
@@ -180,7 +187,7 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     return r
 
 
-def peer(cfg: dict, layer_counts: tuple[int, ...] = (4, 8, 16)) -> dict:
+def peer(cfg: dict, layer_counts: tuple[int, ...] = (8, 16, 32)) -> dict:
     """transformers + bitsandbytes NF4 (what transformers' load_in_4bit builds: every decoder linear a Linear4bit,
     lm_head bf16), per-token time at each layer count (best of 3), a least-squares line through them extrapolated to
     the real 64 layers. Batch-1 generate is host-bound, so two layer counts gave slopes from 0.19 to 2.1 ms per layer
@@ -294,12 +301,12 @@ def print_table(res: dict) -> None:
         rows.append(("peer", p.get("error", "?")))
     for k, v in rows:
         print(f"| {k} | {v} |")
-    print("\n| shape (M=1) | 4-bit GEMV in a graph | GB/s | of copy bw | split-K 4 | fp32 kernel | "
+    print("\n| shape (M=1) | decode GEMV in a graph | GB/s | of copy bw | gemv4 (row-major) | fp32 kernel | "
           "bf16 cuBLAS GEMV | of copy bw | prefill M=512: dequant+cuBLAS / bf16 cuBLAS |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res["kernels"]:
         print(f"| {r['shape']} | {r['q_us']:.1f} us | {r['q_gbs']:.0f} | {100 * r['q_frac']:.0f}% | "
-              f"{r['split4_us']:.1f} us | {r['fp32_us']:.1f} us | "
+              f"{r['gemv4_us']:.1f} us | {r['fp32_us']:.1f} us | "
               f"{r['bf16_us']:.1f} us | {100 * r['bf16_frac']:.0f}% | {r['prefill512_ms']:.3f} / "
               f"{r['bf16_prefill512_ms']:.3f} ms |")
 

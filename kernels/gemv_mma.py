@@ -90,16 +90,16 @@ def _mma_word(c00, c01, c10, c11, wa, wb, p0, p1, p2, p3, USE_ASM: tl.constexpr)
                                          [c00, c01, c10, c11, wa, wb, p0, p1, p2, p3],
                                          dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=False, pack=1)
     else:  # C[s, m, n] = sum over lanes t and codes i of (128 + code i of row m, lane t) * x_i (column n, lane t)
-        S: tl.constexpr = wa.shape[0] // 8
-        ca = tl.zeros((S, 8, 8), dtype=tl.float32)
-        cb = tl.zeros((S, 8, 8), dtype=tl.float32)
-        for j in tl.static_range(4):
-            p = p0 if j == 0 else p1 if j == 1 else p2 if j == 2 else p3
-            lo, hi = _lanes(_slices(p))
-            lo, hi = lo[:, None, :, :], hi[:, None, :, :]  # [S, 1, 8 (n), 4 (t)]
-            qa, qb = _slices(wa >> 4 * j)[:, :, None, :], _slices(wb >> 4 * j)[:, :, None, :]  # [S, 8 (m), 1, 4]
-            ca += tl.sum(((qa & 0xF) + 128).to(tl.float32) * lo + (((qa >> 16) & 0xF) + 128).to(tl.float32) * hi, 3)
-            cb += tl.sum(((qb & 0xF) + 128).to(tl.float32) * lo + (((qb >> 16) & 0xF) + 128).to(tl.float32) * hi, 3)
+        lo0, hi0 = _lanes(p0)
+        lo1, hi1 = _lanes(p1)
+        lo2, hi2 = _lanes(p2)
+        lo3, hi3 = _lanes(p3)
+        lo = tl.reshape(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), (wa.shape[0], 4, 4))  # x 0, 1, 2, 3
+        hi = tl.reshape(tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)), (wa.shape[0], 4, 4))  # x 4, 5, 6, 7
+        xs = tl.reshape(tl.join(lo, hi), (wa.shape[0] // 8, 1, 8, 32))  # x 0, 4, 1, 5, .. per lane t
+        sh = tl.reshape(tl.join(tl.arange(0, 4) * 4, tl.arange(0, 4) * 4 + 16), (1, 1, 8))  # codes in that order
+        ca = tl.sum(((((wa[:, :, None] >> sh) & 0xF) + 128).to(tl.float32).reshape(wa.shape[0] // 8, 8, 1, 32)) * xs, 3)
+        cb = tl.sum(((((wb[:, :, None] >> sh) & 0xF) + 128).to(tl.float32).reshape(wa.shape[0] // 8, 8, 1, 32)) * xs, 3)
         a0, a1 = _columns(ca)
         b0, b1 = _columns(cb)
         return c00 + a0, c01 + a1, c10 + b0, c11 + b1
@@ -199,21 +199,22 @@ def _step(acc, t, HAS_OFFSETS: tl.constexpr, ZERO: tl.constexpr, USE_ASM: tl.con
 
 
 @triton.jit
-def _rows(b_ptr, acc, r, N, HAS_BIAS: tl.constexpr):
-    """acc summed over the slices (+ bias[r]): [8, 4] fp32, r [8, 1] the weight rows."""
-    y = tl.sum(_slices(acc), axis=0)
+def _rows(b_ptr, acc, r, N, TILES: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc summed over the slices (+ bias[r]): [TILES, 8, 4] fp32, r [TILES, 8, 1] the weight rows."""
+    y = tl.sum(tl.reshape(acc, (TILES, acc.shape[0] // (8 * TILES), 8, 4)), axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + r, mask=r < N, other=0.0).to(tl.float32)
     return y
 
 
 @triton.jit
-def _store(y_ptr, b_ptr, acc_a, acc_b, r, col, M, N, stride_ym, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """Rows r and r + 8 (r [8, 1]) for x rows col ([1, 4]; those past N / M are skipped): y[col, r], y[col, r + 8];
-    or with SILU (rows r gate, r + 8 up: qlinear.interleave_gate_up's order) y[col, r - 8 i] = silu(gate) * up, i the
-    tile."""
-    a = _rows(b_ptr, acc_a, r, N, HAS_BIAS)
-    b = _rows(b_ptr, acc_b, r + 8, N, HAS_BIAS)
+def _store(y_ptr, b_ptr, acc_a, acc_b, r, col, M, N, stride_ym, TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
+           SILU: tl.constexpr):
+    """Rows r and r + 8 (r [TILES, 8, 1]) for x rows col ([1, 1, 4]; those past N / M are skipped): y[col, r],
+    y[col, r + 8]; or with SILU (rows r gate, r + 8 up: qlinear.interleave_gate_up's order) y[col, r - 8 i] =
+    silu(gate) * up, i the tile."""
+    a = _rows(b_ptr, acc_a, r, N, TILES, HAS_BIAS)
+    b = _rows(b_ptr, acc_b, r + 8, N, TILES, HAS_BIAS)
     m = (r < N) & (col < M)
     if SILU:
         out = r - (r // 16) * 8
@@ -226,12 +227,13 @@ def _store(y_ptr, b_ptr, acc_a, acc_b, r, col, M, N, stride_ym, HAS_BIAS: tl.con
 def _configs() -> list[triton.Config]:
     # bench/gemv_lab.py on the H200 (2026-11-29, tile-major words): 4 slices won qkv and gate_up, 8 o_proj and down;
     # loading two steps ahead or unrolling was slower everywhere
-    return [triton.Config({"SLICES": s}, num_warps=s) for s in (4, 8, 2)]
+    return [triton.Config({"TILES": 1, "SLICES": s}, num_warps=s) for s in (4, 8, 2)]
 
 
 def _prune(configs, named_args, **kwargs):
-    if not named_args["x_ptr"].is_cuda:  # the interpreter runs programs one by one: many slices, few iterations
-        return [triton.Config({"SLICES": min(64, triton.next_power_of_2(named_args["W"] // 16))})]
+    if not named_args["x_ptr"].is_cuda:  # the interpreter runs programs one by one: few programs, few iterations
+        tiles = min(32, triton.next_power_of_2(triton.cdiv(named_args["N"], 16)))
+        return [triton.Config({"TILES": tiles, "SLICES": min(16, triton.next_power_of_2(named_args["W"] // 16))})]
     args = {**named_args, **kwargs}
     return configs if args["N"] * args["W"] >= 1 << 20 else configs[:1]
 
@@ -242,26 +244,28 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _q4mma_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, W, stride_xm, stride_qn, stride_sn, stride_ym,
                   GROUP: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO: tl.constexpr,
-                  TILED: tl.constexpr, SILU: tl.constexpr, USE_ASM: tl.constexpr, SLICES: tl.constexpr,
-                  EVEN: tl.constexpr):
+                  TILED: tl.constexpr, SILU: tl.constexpr, USE_ASM: tl.constexpr, TILES: tl.constexpr,
+                  SLICES: tl.constexpr, EVEN: tl.constexpr):
     """y[m, n] = sum_k x[m, k] w[n, k] (+ bias) for M <= 8 bf16 rows x (read as int32 words, stride_xm in words)
-    against weight rows 16 i .. 16 i + 15 (program i), W words per row: row-major (stride_qn words), or TILED
+    against the 16-row tiles i TILES .. (i + 1) TILES - 1 of the weight (program i; one tile per program on the GPU,
+    many in the interpreter), W words per row: row-major (stride_qn words), or TILED
     (tile_words' order: each 16-row tile's step is 1 KB contiguous); SILU: the rows interleaved gate / up in blocks
     of 8, y = silu(gate) * up [M, N / 2] (the MLP's gate_up and SiLU-mul in one kernel). Slice s sums the 128-code
     steps s, s + SLICES, ... (the warps of a program read neighbouring pieces), each loaded one step ahead of its
     sum. EVEN: every slice has the same number of steps."""
     SPG: tl.constexpr = GROUP // 128  # steps per group
-    R: tl.constexpr = 8 * SLICES
+    R: tl.constexpr = 8 * TILES * SLICES
     i_n = tl.program_id(0).to(tl.int64)
-    o_r = tl.arange(0, R)[:, None]  # 8 s + g
+    o_r = tl.arange(0, R)[:, None]  # 8 (SLICES tile + s) + g
     o_j = tl.arange(0, 16)[None, :]  # 4 t + e
     g = o_r % 8
     n_steps = W // 16
-    first = o_r // 8  # [R, 1]
-    row = i_n * 16 + g
+    first = (o_r // 8) % SLICES  # [R, 1]
+    tile = i_n * TILES + o_r // (8 * SLICES)
+    row = tile * 16 + g
     ra, rb = tl.minimum(row, N - 1), tl.minimum(row + 8, N - 1)  # clamped: their sums are never stored
     if TILED:
-        p_wa = qw_ptr + i_n * n_steps * 256 + g * 16 + o_j
+        p_wa = qw_ptr + tl.minimum(tile, N // 16 - 1) * n_steps * 256 + g * 16 + o_j
         p_wb = p_wa + 128
         WSTEP: tl.constexpr = 256
     else:
@@ -280,10 +284,10 @@ def _q4mma_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, W, stride_xm,
                          HAS_OFFSETS, EVEN, USE_ASM)
         acc = _step(acc, t, HAS_OFFSETS, ZERO, USE_ASM)
         t = nxt
-    r = i_n * 16 + tl.arange(0, 8)[:, None]
-    col = 2 * o_t
-    _store(y_ptr, b_ptr, acc[0], acc[2], r, col, M, N, stride_ym, HAS_BIAS, SILU)
-    _store(y_ptr, b_ptr, acc[1], acc[3], r, col + 1, M, N, stride_ym, HAS_BIAS, SILU)
+    r = (i_n * TILES + tl.arange(0, TILES)[:, None, None]) * 16 + tl.arange(0, 8)[None, :, None]
+    col = 2 * tl.arange(0, 4)[None, None, :]
+    _store(y_ptr, b_ptr, acc[0], acc[2], r, col, M, N, stride_ym, TILES, HAS_BIAS, SILU)
+    _store(y_ptr, b_ptr, acc[1], acc[3], r, col + 1, M, N, stride_ym, TILES, HAS_BIAS, SILU)
 
 
 def q4mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group: int,
@@ -295,7 +299,7 @@ def q4mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets:
     assert x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= 8 and group % 128 == 0
     assert x.stride(1) == 1 and x.stride(0) % 2 == 0 and y.stride(1) == 1 and qweight.is_contiguous()
     assert not (tiled or silu) or N % 16 == 0
-    _q4mma_kernel[(triton.cdiv(N, 16),)](
+    _q4mma_kernel[lambda meta: (triton.cdiv(N, 16 * meta["TILES"]),)](
         x.view(torch.int32), qweight.view(torch.int32), scales, scales if offsets is None else offsets,
         scales if bias is None else bias, y, x.shape[0], N, qweight.shape[1] // 4, x.stride(0) // 2,
         qweight.stride(0) // 4, scales.stride(0), y.stride(0), GROUP=group, HAS_OFFSETS=offsets is not None,

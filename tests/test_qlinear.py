@@ -122,16 +122,14 @@ def test_dequantize_kernel_writes_every_element(bits, offsets, zero):
 @pytest.mark.parametrize("n,k", QWEN3_32B)
 def test_real_shapes_awq_layout(n, k, monkeypatch):
     """One fp32 row: the fp32 kernel (which also serves 8-bit and NF4 weights); bf16 rows: the tensor-core kernel on
-    the weight tiled as the loader stores it (on CUDA: the interpreter takes minutes per shape at 16 rows per
-    program; test_mma_real_k covers real K there) and kernels/gemv4.py (its plain-Triton leaves in the
-    interpreter, the PTX ones on CUDA)."""
+    the weight tiled as the loader stores it (1 and 8 rows) and row-major, and kernels/gemv4.py (PTX leaves on CUDA,
+    their plain-Triton twins in the interpreter)."""
     qw = random_weight(n, k, 4, 128, True, False)
     check(qw, 1)
-    if CUDA:
-        check(tiled(qw), 1, torch.bfloat16)
-        check(tiled(qw), 8, torch.bfloat16)
-    monkeypatch.setattr(ql, "GEMV_KERNELS", ("gemv4",))
-    check(qw, 1, torch.bfloat16)
+    for w, m, kernels in [(tiled(qw), 1, ("mma",)), (tiled(qw), 8, ("mma",)), (qw, 1, ("mma",)), (qw, 1, ("gemv4",))]:
+        monkeypatch.setattr(ql, "GEMV_KERNELS", kernels)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, torch.bfloat16)
+        assert_close(qgemv(x, w), qlinear_ref(x, qw), torch.bfloat16, matmul=True)
 
 
 # kernels/gemv_mma.py's cases: (rows, groups, group, offsets, zero, x rows, tiled): partial 16-row tiles (5, 37 rows,
@@ -151,15 +149,6 @@ def test_mma_bf16_rows(n, groups, group, offsets, zero, m, is_tiled):
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)
         qgemv(x, w, b, out=out)
         assert_close(out, qlinear_ref(x, qw, b), torch.bfloat16, matmul=True)
-
-
-@pytest.mark.parametrize("k", [5120, 25600])
-def test_mma_real_k(k):
-    """Qwen3-32B's K (q/gate/up and down_proj) on a few rows, tiled and row-major, 1 and 8 x rows."""
-    qw = random_weight(32, k, 4, 128, True, False, seed=k)
-    for w, m in [(tiled(qw), 1), (tiled(qw), 8), (qw, 1)]:
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEV, torch.bfloat16)
-        assert_close(qgemv(x, w), qlinear_ref(x, qw), torch.bfloat16, matmul=True)
 
 
 @pytest.mark.parametrize("m,bias", [(1, False), (3, True), (8, False)])
