@@ -14,10 +14,11 @@ Fragment layout (PTX ISA, mma.m16n8k16 .bf16): lane = 4 g + t holds A rows g and
 t owns words 4t .. 4t + 3 of each 16-word step (one 16-byte load per row), the pair (c_j, c_j+4) in the place of
 k (2t, 2t + 1), and B the matching activation pairs.
 
-The tensors are 2-D, [8 S, 16] words and [8 S, 4] lanes, row r = 8 s + g for K-slice s: for such loads every Triton
-version (3.6 on the device, 3.9 here) lays element (r, 4t + e) out on lane 4 (r % 8) + t, warp (r // 8) % num_warps
-(a leading slice axis gets lanes on 3.6). The asm is marked impure so that no layout pass re-creates it in another
-layout. The GPU tests check the outputs, and so the layout.
+The tensors are 2-D, [8 S, 16] words and [8 S, 4] lanes, row r = 8 s + g for mma group s (a 16-row tile and a
+K-slice, s = SLICES tile + slice): for such loads every Triton version (3.6 on the device, 3.9 here) lays element
+(r, 4t + e) out on lane 4 (r % 8) + t, warp (r // 8) % num_warps (a leading slice axis gets lanes on 3.6). The
+asm is marked impure so that no layout pass re-creates it in another layout. The GPU tests check the outputs, and so
+the layout.
 
 The PTX leaves (_mma_word, _mma_ones) have a plain-Triton twin that computes the same sums across the tile, which the
 CPU interpreter (TRITON_INTERPRET=1) runs: the loads and epilogue around them are the same code either way.
