@@ -166,7 +166,11 @@ def main():
                 run_mma(xm, qw, om, cfg, part, tiled=True)
                 err = ((om.float() - ref_m).norm() / ref_m.norm()).item()
                 us = graph_us(partial(_call, partial(run_mma, tiled=True), xm, om, cfg, part), copies)
-                us32 = graph_us(lambda c, xm=xm, om=om: ql.qgemv(xm, c, out=om), copies)
+                ql.GEMV_KERNELS, kernels = (), ql.GEMV_KERNELS  # qgemv's fp32 kernel
+                try:
+                    us32 = graph_us(lambda c, xm=xm, om=om: ql.qgemv(xm, c, out=om), copies)
+                finally:
+                    ql.GEMV_KERNELS = kernels
                 print(f"   M={m}: mma {us:.1f} us, qgemv (fp32 kernel) {us32:.1f} us, mma rel err {err:.1e}")
         res.append({"shape": name, "rows": rows})
     if args.json:

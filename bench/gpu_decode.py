@@ -108,13 +108,13 @@ def kernel_table(copy_bw: float) -> list[dict]:
         else:
             ms_q = graph_us(partial(ql.qgemv, x1), [ql.tile(c) for c in copies])
         ms_q /= 1e3
-        us_kind = {}
+        us_kind, kernels = {}, ql.GEMV_KERNELS
         for kind in ("gemv4", ""):
             ql.GEMV_KERNELS = (kind,)
             try:
                 us_kind[kind] = graph_us(partial(ql.qgemv, x1), copies)
             finally:
-                ql.GEMV_KERNELS = ("mma", "gemv4")
+                ql.GEMV_KERNELS = kernels
         qw = ql.tile(qw)
         del copies
         ms_b = do_bench(partial(F.linear, x1, w), warmup=25, rep=100, return_mode="median")
@@ -309,6 +309,7 @@ def print_table(res: dict) -> None:
               f"{r['gemv4_us']:.1f} us | {r['fp32_us']:.1f} us | "
               f"{r['bf16_us']:.1f} us | {100 * r['bf16_frac']:.0f}% | {r['prefill512_ms']:.3f} / "
               f"{r['bf16_prefill512_ms']:.3f} ms |")
+
 
 if __name__ == "__main__":
     main()

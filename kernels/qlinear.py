@@ -8,7 +8,8 @@ c(q) = lut[q] if lut is not None else q: symmetric formats (GGUF Q4_0, Q5_0, Q6_
 offsets tensor, an implicit offset -zero * scale per group.
 tiled: the same bytes of a 4-bit weight (groups of 128k, N % 16 == 0) stored tile-major for the tensor-core decode
 GEMV (kernels/gemv_mma.py: tile_words), which reads each 16-row tile's 128-code step as 1 KB contiguous; the loader
-tiles weights so on sm_80+ GPUs (tile()). Only the Triton kernels read them; the torch helpers untile first.
+tiles the weights of bf16 models so on sm_80+ GPUs (tile()). Only the Triton kernels read them; the torch helpers
+untile first.
 It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
 """
 
@@ -275,7 +276,8 @@ def _kernel_ok(qw: QuantWeight) -> bool:
 
 @functools.cache
 def _bf16x2_arith(device: torch.device) -> bool:
-    """Whether the GPU has packed bf16 FMA (sm_80+: A100, RTX 30xx/40xx, H100); kernels/gemv4.py needs it."""
+    """Whether the GPU has packed bf16 FMA and bf16 mma.sync (sm_80+: A100, RTX 30xx/40xx, H100): kernels/gemv4.py
+    and kernels/gemv_mma.py need it."""
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 

@@ -119,7 +119,8 @@ class MLP(nn.Module):
         super().__init__()
         self.inter = cfg.intermediate_size
         self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantized)
-        self.gate_up_proj.gated = True
+        if quantized:
+            self.gate_up_proj.gated = True  # the loader may interleave its rows (SiLU-mul in the decode GEMV)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:

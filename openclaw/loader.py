@@ -273,6 +273,8 @@ def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[
 def _set_quantized(module: torch.nn.Module, qw: QuantWeight | list[QuantWeight], dtype: torch.dtype) -> None:
     if isinstance(module, QuantEmbedding):
         module.qweight, module.dtype = qw, dtype
+    elif dtype != torch.bfloat16:  # the tensor-core GEMV takes bf16 rows: other dtypes keep row-major weights
+        module.qweight = qw
     elif isinstance(qw, list):  # linear weights in the order decode reads fastest (tiled on sm_80+)
         module.qweight = [tile(p) for p in qw]
     else:  # a fused [gate; up] that tiles gets its rows interleaved too, for the GEMV's SiLU epilogue

@@ -125,7 +125,7 @@ def test_gpu_engine_graph_decode_equals_eager_under_the_cap(tmp_path):
 def test_gpu_tiled_weights_give_the_dequantized_reference(tmp_path):
     """On the GPU the loader stores 4-bit group-128 weights tiled for the tensor-core GEMV (gate_up interleaved for its
     SiLU epilogue): bf16 forwards of 1 and 8 tokens (that kernel) and of 40 (dequantize by tiles + cuBLAS) give the
-    fp32 dequantized reference's logits."""
+    fp32 dequantized reference's logits; an fp32 model keeps its weights row-major."""
     from openclaw.kernels.qlinear import tileable
     from openclaw.models.layers import QuantLinear
 
@@ -144,6 +144,8 @@ def test_gpu_tiled_weights_give_the_dequantized_reference(tmp_path):
         got = full_forward(model, ids[:t], torch.bfloat16, "cuda").float().cpu()
         ref = full_forward(ref_model, ids[:t])
         assert (got - ref).abs().max() <= 0.03 * ref.abs().max(), t
+    fp32 = load_model(tmp_path / "q", torch.device("cuda"), torch.float32)  # the tensor-core GEMV takes bf16 rows
+    assert not any(m.qweight.tiled or m.interleaved for m in fp32.modules() if isinstance(m, QuantLinear))
 
 
 QWEN3_8B = {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
