@@ -1,9 +1,11 @@
 """Decode attention over the KV pool (one query token per sequence), flash-decoding style: the keys of a sequence are
-cut into a fixed number of partitions, one program per (sequence, KV head, partition) computes a partial softmax for
-the whole query group of that KV head, and a combine kernel merges the partitions. Plus the plain-PyTorch reference.
+cut into partitions, one program per (sequence, KV head, partition) computes a partial softmax for the whole query
+group of that KV head, and a combine kernel merges the partitions. Plus the plain-PyTorch reference.
 
-Lengths are read from device tensors at run time and the partition count depends only on the static length bound, so
-a captured CUDA graph replays at any length up to the bound. It does not do prefill (models/layers.py uses SDPA).
+The partition count depends only on the static length bound; the lengths are read from device tensors at run time
+and each sequence's keys are split evenly over the partitions then, so a captured CUDA graph replays at any length up
+to the bound with every partition busy (a graph bucket of 8192 keys at 4200 keys keeps all its programs working). It
+does not do prefill (models/layers.py uses SDPA).
 """
 
 from functools import lru_cache
@@ -12,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-MIN_PARTITION = 128  # keys: shorter partitions cost more in the combine than they gain in parallelism
+MIN_PARTITION = 64  # keys: shorter partitions cost more in the combine than they gain in parallelism
 WAVES = 4  # programs per SM the partition count aims for, so the last wave's tail is a small part of the work
+BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 4, 2  # keys per loop step and the launch (bench/attn_lab.py sweeps them)
 
 
 @lru_cache
@@ -21,16 +24,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@triton.jit(do_not_specialize=["part_len"])
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml_ptr, part_len, scale,
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml_ptr, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-    """Grid (B * Hkv, P): keys [p * part_len, (p + 1) * part_len) of sequence b, clipped to its length, against the G
-    query heads of KV head g, so each key block is loaded once for the group (G padded to BLOCK_G >= 16 for tl.dot).
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr,
+                             DOT_F32: tl.constexpr):
+    """Grid (B * Hkv, P): partition p of sequence b's n keys against the G query heads of KV head g, so each key
+    block is loaded once for the group (G padded to BLOCK_G >= 16 for tl.dot). The n keys are split into
+    min(P, cdiv(n, MIN_PART)) runs of equal length (rounded up to 16 keys); the partitions past them are empty.
     Writes the unnormalized output acc [B, H, P, D] and the running max and sum ml [B, H, P, 2] (fp32, base-2
-    logits); an empty partition leaves max -inf and sum 0, which the combine weighs by zero. DOT_F32: fp32 operands
-    and IEEE products (an fp32 pool; and Triton's interpreter, whose tl.dot cannot multiply bf16)."""
+    logits); an empty partition leaves acc 0, max -inf and sum 0, which the combine weighs by zero. DOT_F32: fp32
+    operands and IEEE products (an fp32 pool; and Triton's interpreter, whose tl.dot cannot multiply bf16)."""
     i_bg = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(1)
@@ -38,6 +43,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml
     i_g = i_bg % HKV
     base = tl.load(base_ptr + i_b).to(tl.int64)
     n = tl.load(len_ptr + i_b).to(tl.int64)
+    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
+    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
     start = i_p * part_len
     end = tl.minimum(start + part_len, n)
     o_g = tl.arange(0, BLOCK_G)
@@ -81,7 +88,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, num_parts, stride_ob, stride_oh, H: tl.constexpr,
                            D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B * H,): o[b, h] = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p over the P partitions."""
+    """Grid (B * H,): o[b, h] = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p over the P partitions. acc and ml are
+    loaded at once (an empty partition's acc is zeros, so no load waits on another)."""
     i_bh = tl.program_id(0).to(tl.int64)
     o_p = tl.arange(0, BLOCK_P)
     o_d = tl.arange(0, BLOCK_D)
@@ -90,9 +98,9 @@ def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, num_parts, stride_ob, stride_
     o_row = i_bh * num_parts + o_p
     b_m = tl.load(ml_ptr + o_row * 2, mask=m_p, other=float("-inf"))
     b_l = tl.load(ml_ptr + o_row * 2 + 1, mask=m_p, other=0.0)
+    b_acc = tl.load(acc_ptr + o_row[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0)
     b_w = tl.exp2(b_m - tl.max(b_m, axis=0))
     b_w = tl.where(m_p & (b_l > 0), b_w, 0.0)  # empty partitions: -inf - (-inf) would be NaN
-    b_acc = tl.load(acc_ptr + o_row[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0)
     b_o = tl.sum(b_acc * b_w[:, None], axis=0) / tl.sum(b_l * b_w, axis=0)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -115,7 +123,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     Sequence b attends to slots [slot_base[b], slot_base[b] + kv_len[b]) (slot_base, kv_len: [B] int device
     tensors, 1 <= kv_len[b] <= max_len); query head h reads KV head h // (H / Hkv); softmax in fp32.
-    max_len: the static bound the partitioning is derived from; num_parts overrides the partition count."""
+    max_len: the static bound the partitioning is derived from; num_parts overrides the partition count (and then
+    every partition gets keys whenever the length allows 16 each, instead of MIN_PARTITION)."""
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     assert H % Hkv == 0 and k_cache.shape[1:] == (Hkv, D) and v_cache.shape == k_cache.shape
@@ -124,20 +133,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(-1) == 1
+    min_part = MIN_PARTITION if num_parts is None else 16
     if num_parts is None:
         num_parts = num_partitions(max_len, B * Hkv, q.device)
-    block_n = 64
-    part_len = triton.cdiv(triton.cdiv(max_len, num_parts), block_n) * block_n
-    num_parts = triton.cdiv(max_len, part_len)
+    num_parts = min(num_parts, triton.cdiv(max_len, 16))  # runs are at least 16 keys: more could never work
     acc = torch.empty(B, H, num_parts, D, dtype=torch.float32, device=q.device)
     ml = torch.empty(B, H, num_parts, 2, dtype=torch.float32, device=q.device)
     G = H // Hkv
     block_d = triton.next_power_of_2(D)
     _decode_attention_kernel[(B * Hkv, num_parts)](
-        q, k_cache, v_cache, slot_base, kv_len, acc, ml, part_len, scale, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, slot_base, kv_len, acc, ml, scale, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HKV=Hkv, G=G, D=D,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_F32=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=4, num_stages=2)
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=BLOCK_N, MIN_PART=min_part,
+        DOT_F32=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _decode_combine_kernel[(B * H,)](acc, ml, out, num_parts, out.stride(0), out.stride(1), H=H, D=D,
                                      BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_d)
     return out

@@ -145,9 +145,11 @@ def test_decode_attention(H, Hkv, D, lens, bound, parts, dtype):
 
 
 def test_decode_attention_lengths_are_read_at_run_time():
-    """One launch configuration (bound, partitions), several true lengths: what a replayed CUDA graph sees."""
-    for n in (1, 63, 64, 65, 190):
+    """One launch configuration (bound, partitions), several true lengths: what a replayed CUDA graph sees. Lengths
+    far under the bound still split over every partition (runs of 16 keys at least), or leave some empty."""
+    for n in (1, 15, 17, 63, 64, 65, 190):
         check_decode_attention(4, 2, 16, [n], 192, torch.float32, num_parts=3)
+    check_decode_attention(4, 2, 16, [100, 7, 40], 300, torch.float32, num_parts=5)
 
 
 def load(path, dtype: torch.dtype, fused: bool):
@@ -269,7 +271,7 @@ def test_gpu_decode_attention_replays_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = decode_attention(q, k, v, base, n, D ** -0.5, bound)
-    for length in (1, 100, 5000, bound):
+    for length in (1, 100, 5000, 8193, bound):
         n.fill_(length)
         graph.replay()
         assert_close(out, decode_attention_ref(q, k, v, base, n, D ** -0.5), dtype, matmul=True)
