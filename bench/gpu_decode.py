@@ -4,7 +4,7 @@ Writes a random-weight checkpoint with the real Qwen3-32B shapes in AWQ's on-dis
 bf16 embeddings and lm_head, as Qwen/Qwen3-32B-AWQ ships them), loads it through the normal engine under
 --vram, and prints: load time, peak allocated vs the cap, planned vs allocated weight bytes, bytes read per token,
 decode tok/s at batch 1 at two contexts, GB/s and its fraction of the copy bandwidth measured in the same run,
-per-shape kernel speeds, and the peer (transformers + bitsandbytes NF4, fewer layers, scaled linearly to 64).
+per-shape kernel speeds, and the peer (transformers + bitsandbytes NF4, all 64 layers) measured in the same run.
 Run on a GPU machine: python bench/gpu_decode.py --dir /tmp/q32b [--json out.json]
 """
 
@@ -128,8 +128,10 @@ def kernel_table(copy_bw: float) -> list[dict]:
     return rows
 
 
-def decode_speed(engine, ctx: int, steps: int) -> float:
-    """Tokens/s of batch-1 decode with `ctx` tokens of context (prompt prefilled first, 3 warm-up steps)."""
+def decode_speed(engine, ctx: int, steps: int) -> tuple[float, float | None]:
+    """Tokens/s of batch-1 decode with `ctx` tokens of context (prompt prefilled first, 3 warm-up steps), and the
+    device-bound rate: the last step's CUDA graph replayed back to back with no host work between replays (None
+    without graphs). The difference is the host's share: sampling, scheduling and the graph launch each token."""
     from openclaw.config import SamplingParams
 
     ids = torch.randint(0, 150000, (ctx,)).tolist()
@@ -144,8 +146,18 @@ def decode_speed(engine, ctx: int, steps: int) -> float:
         engine.step()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    device = None
+    if engine.runner.cuda_graphs:
+        graph = list(engine.runner.graphs.values())[-1].graph  # this step's graph: its bucket was captured last
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            graph.replay()  # repeats the last step (same slot, same length)
+        b.record()
+        b.synchronize()
+        device = steps / (a.elapsed_time(b) / 1e3)
     engine.finish(seq, "abort")
-    return steps / dt
+    return steps / dt, device
 
 
 def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
@@ -172,9 +184,9 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     read += sum(p.numel() * p.element_size() for p in engine.model.parameters())  # norms
     r["bytes_per_token"] = read
     for ctx in (128, 4096):
-        r[f"tok_s_{ctx}"] = decode_speed(engine, ctx, 64)
+        r[f"tok_s_{ctx}"], r[f"device_tok_s_{ctx}"] = decode_speed(engine, ctx, 64)
     engine.runner.cuda_graphs = False
-    r["tok_s_128_eager"] = decode_speed(engine, 128, 16)
+    r["tok_s_128_eager"] = decode_speed(engine, 128, 16)[0]
     r["peak_total"] = torch.cuda.max_memory_allocated()
     r["graphs"] = len(engine.runner.graphs)
     for ctx in (128, 4096):
@@ -187,45 +199,35 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     return r
 
 
-def peer(cfg: dict, layer_counts: tuple[int, ...] = (8, 16, 32)) -> dict:
+def peer(cfg: dict) -> dict:
     """transformers + bitsandbytes NF4 (what transformers' load_in_4bit builds: every decoder linear a Linear4bit,
-    lm_head bf16), per-token time at each layer count (best of 3), a least-squares line through them extrapolated to
-    the real 64 layers. Batch-1 generate is host-bound, so two layer counts gave slopes from 0.19 to 2.1 ms per layer
-    across runs; three counts and the fit's worst residual show how far to trust the line."""
+    lm_head bf16) with all of cfg's layers, built in bf16 on the GPU (64 GB for Qwen3-32B: the H200 holds it) and
+    quantized layer by layer; per-token time of batch-1 greedy generate, best of 3. Earlier runs timed 4-32 layers and
+    extrapolated, but batch-1 generate is host-bound and the slopes moved from 0.19 to 2.1 ms per layer between runs."""
     import bitsandbytes as bnb
     import transformers
 
-    times = {}
-    for layers in layer_counts:
-        hf_cfg = transformers.Qwen3Config(**{**cfg, "num_hidden_layers": layers})
-        with torch.device("cuda"):
-            model = transformers.Qwen3ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for cname, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=torch.bfloat16, quant_type="nf4")
-                        q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                        q = q.to("cuda")
-                        setattr(parent, cname, q)
+    hf_cfg = transformers.Qwen3Config(**cfg)
+    with torch.device("cuda"):
+        model = transformers.Qwen3ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for cname, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                    setattr(parent, cname, q.to("cuda"))
         gc.collect()
         torch.cuda.empty_cache()
-        ids = torch.randint(0, 150000, (1, 128), device="cuda")
-
-        _generate(model, ids, 8), _generate(model, ids, 8)  # CUDA / cuBLAS / bitsandbytes warm-up
-        times[layers] = min(_generate(model, ids, 33) - _generate(model, ids, 1) for _ in range(3)) / 32
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-    ls, ts = zip(*sorted(times.items()))
-    l_mean, t_mean = sum(ls) / len(ls), sum(ts) / len(ts)
-    per_layer = (sum((a - l_mean) * (b - t_mean) for a, b in zip(ls, ts, strict=True))
-                 / sum((a - l_mean) ** 2 for a in ls))
-    t64 = t_mean + per_layer * (cfg["num_hidden_layers"] - l_mean)
-    residual = max(abs(b - (t_mean + per_layer * (a - l_mean))) for a, b in zip(ls, ts, strict=True))
-    return {"per_token_s": times, "per_layer_ms": per_layer * 1e3, "tok_s_64": 1 / t64,
-            "fit_residual_ms": residual * 1e3, "bnb": bnb.__version__, "transformers": transformers.__version__}
+    ids = torch.randint(0, 150000, (1, 128), device="cuda")
+    _generate(model, ids, 8), _generate(model, ids, 8)  # CUDA / cuBLAS / bitsandbytes warm-up
+    per_token = min(_generate(model, ids, 33) - _generate(model, ids, 1) for _ in range(3)) / 32
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"layers": cfg["num_hidden_layers"], "per_token_s": per_token, "tok_s_64": 1 / per_token,
+            "bnb": bnb.__version__, "transformers": transformers.__version__}
 
 
 def _generate(model, ids: torch.Tensor, n: int) -> float:
@@ -287,15 +289,15 @@ def print_table(res: dict) -> None:
     for ctx in (128, 4096):
         rows.append((f"decode batch 1, context {ctx} (CUDA graphs)",
                      (f"{o[f'tok_s_{ctx}']:.1f} tok/s = {o[f'gbs_{ctx}']:.0f} GB/s = "
-                      f"{100 * o[f'frac_{ctx}']:.0f}% of copy bandwidth")))
+                      f"{100 * o[f'frac_{ctx}']:.0f}% of copy bandwidth; graph replays alone "
+                      f"{o[f'device_tok_s_{ctx}']:.1f} tok/s = "
+                      f"{100 * o['bytes_per_token'] * o[f'device_tok_s_{ctx}'] / res['copy_bw']:.0f}%")))
     rows.append(("decode batch 1, context 128, eager", f"{o['tok_s_128_eager']:.1f} tok/s"))
     p = res.get("peer", {})
     if "tok_s_64" in p:
         rows.append((f"peer: transformers {p['transformers']} + bitsandbytes {p['bnb']} NF4",
-                     (f"{p['tok_s_64']:.2f} tok/s (measured at {', '.join(map(str, p['per_token_s']))} layers: "
-                      f"{', '.join(f'{1e3 * t:.1f}' for t in p['per_token_s'].values())} ms/token; "
-                      f"{p['per_layer_ms']:.2f} ms/layer fitted, worst residual "
-                      f"{p.get('fit_residual_ms', 0):.2f} ms, extrapolated to 64)")))
+                     (f"{p['tok_s_64']:.2f} tok/s ({1e3 * p['per_token_s']:.1f} ms/token, all {p['layers']} layers, "
+                      "context 128)")))
         rows.append(("ours / peer", f"{o['tok_s_128'] / p['tok_s_64']:.1f}x at context 128"))
     elif p:
         rows.append(("peer", p.get("error", "?")))
