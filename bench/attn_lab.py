@@ -12,6 +12,7 @@ import itertools
 import statistics
 
 import torch
+import triton
 from openclaw.kernels import decode_attention as da
 
 H, HKV, D, LAYERS = 64, 8, 128, 8
@@ -49,15 +50,15 @@ def case(n: int, bound: int, attend=da.decode_attention) -> float:
     return time_us(lambda i: attend(q, k, v, bases[i % LAYERS], length, D ** -0.5, bound, out=out), 8 * LAYERS)
 
 
-def combine_us(n: int, bound: int) -> float:
+def combine_us(bound: int) -> float:
     """The combine kernel alone, at the default partition count of this bound (every partition full)."""
-    parts = min(da.num_partitions(bound, HKV, torch.device("cuda")), -(-bound // 16))
+    parts = da.num_partitions(bound, HKV, torch.device("cuda"))
     acc = torch.randn(LAYERS, 1, H, parts, D, device="cuda")
     ml = torch.rand(LAYERS, 1, H, parts, 2, device="cuda") + 1
     out = torch.empty(1, H, D, device="cuda", dtype=torch.bfloat16)
-    bp = 1 << (parts - 1).bit_length()
     return time_us(lambda i: da._decode_combine_kernel[(H,)](acc[i % LAYERS], ml[i % LAYERS], out, parts, H * D, D,
-                                                              H=H, D=D, BLOCK_P=bp, BLOCK_D=D), 8 * LAYERS)
+                                                              H=H, D=D, BLOCK_P=triton.next_power_of_2(parts),
+                                                              BLOCK_D=D), 8 * LAYERS)
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
         _attn_old = None
     for n, bound in CASES:
         gb = 2 * n * HKV * D * 2 / 1e9
-        rows = [("combine kernel alone (default partitions, all full)", combine_us(n, bound))]
+        rows = [("combine kernel alone (default partitions, all full)", combine_us(bound))]
         if _attn_old is not None:
             rows.append(("before (static split)", case(n, bound, _attn_old.decode_attention)))
         for setting in [defaults, *grid]:
