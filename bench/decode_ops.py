@@ -1,12 +1,13 @@
-"""Fused decode ops on the GPU: decode attention (flash-decoding vs the plain grouped matmuls) at Qwen3-32B shapes, and
-kernels per layer and time per batch-1 decode step of a Qwen3-32B-shaped bf16 model (random, few layers) replayed
-in a CUDA graph, fused vs plain. Prints numbers; `python bench/decode_ops.py [--layers 4]`."""
+"""Fused decode ops on the GPU: decode attention (the flash-decoding kernel vs its plain-PyTorch reference) at
+Qwen3-32B shapes, and kernels per layer and time per batch-1 decode step of a Qwen3-32B-shaped bf16 model (random,
+few layers) replayed in a CUDA graph. Prints numbers; `python bench/decode_ops.py [--layers 4]`. (The plain torch
+model path this once compared against is gone: on CUDA every op runs its kernel; bench/RESULTS.md has that run.)"""
 
 import argparse
 
 import torch
-from openclaw.kernels.decode_attention import decode_attention
-from openclaw.models.layers import BatchMeta, _decode_attention
+from openclaw.kernels.decode_attention import decode_attention, decode_attention_ref
+from openclaw.models.layers import BatchMeta
 from openclaw.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 
 QWEN3_32B = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 5120, "intermediate_size": 25600,
@@ -46,13 +47,13 @@ def attention(ctx: int) -> None:
     q = torch.randn(1, H, D, device="cuda", dtype=torch.bfloat16)
     base, n = torch.zeros(1, dtype=torch.long, device="cuda"), torch.full((1,), ctx, device="cuda")
     fused = graphed(lambda: decode_attention(q, k, v, base, n, D ** -0.5, ctx))
-    plain = graphed(lambda: _decode_attention(q[0], k.transpose(0, 1), v.transpose(0, 1), D ** -0.5, n[0]))
+    plain = timed(lambda: decode_attention_ref(q, k, v, base, n, D ** -0.5))  # host syncs: no graph
     gbs = 2 * k.numel() * k.element_size() / fused / 1e6
     print(f"decode attention, {ctx} keys: fused {fused * 1e3:.1f} us ({gbs:.0f} GB/s of K+V), plain {plain * 1e3:.1f} us")
 
 
-def step(layers: int, ctx: int) -> dict[bool, tuple[float, int]]:
-    """fused -> (ms per step, kernels per step)."""
+def step(layers: int, ctx: int) -> tuple[float, int]:
+    """(ms per step, kernels per step)."""
     cfg = Qwen3Config.from_dict({**QWEN3_32B, "num_hidden_layers": layers})
     with torch.device("cuda"):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -61,23 +62,19 @@ def step(layers: int, ctx: int) -> dict[bool, tuple[float, int]]:
     inputs = torch.tensor([7, ctx - 1, ctx - 1, ctx], device="cuda")
     meta = BatchMeta(slot_mapping=inputs[2:3], seqs=[(0, 1, 0, ctx)], sample_idx=torch.zeros(1, dtype=torch.long,
                      device="cuda"), kv_valid=inputs[3:4], slot_base=torch.zeros(1, dtype=torch.long, device="cuda"))
-    res = {}
-    for fused in (False, True):
-        model.fused_kernels = fused
-        with torch.inference_mode():
-            def fwd():
-                return model(inputs[0:1], inputs[1:2], meta, k, v)
+    with torch.inference_mode():
+        def fwd():
+            return model(inputs[0:1], inputs[1:2], meta, k, v)
 
+        fwd()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fwd()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fwd()
-            ms = timed(graph.replay, 20)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fwd()
-                torch.cuda.synchronize()
-        res[fused] = ms, sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return res
+        ms = timed(graph.replay, 20)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fwd()
+            torch.cuda.synchronize()
+    return ms, sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def main() -> None:
@@ -89,11 +86,10 @@ def main() -> None:
         attention(ctx)
     for ctx in (4096, 32768):
         half, full = step(args.layers // 2, ctx), step(args.layers, ctx)
-        for fused in (False, True):
-            dl = args.layers - args.layers // 2
-            per_ms, per_k = (full[fused][0] - half[fused][0]) / dl, (full[fused][1] - half[fused][1]) / dl
-            print(f"{'fused' if fused else 'plain'} at {ctx} keys, in a graph: {args.layers} layers {full[fused][0]:.3f} "
-                  f"ms, {full[fused][1]} kernels; per layer {per_ms * 1e3:.0f} us, {per_k:.0f} kernels")
+        dl = args.layers - args.layers // 2
+        per_ms, per_k = (full[0] - half[0]) / dl, (full[1] - half[1]) / dl
+        print(f"{ctx} keys, in a graph: {args.layers} layers {full[0]:.3f} ms, {full[1]} kernels; per layer "
+              f"{per_ms * 1e3:.0f} us, {per_k:.0f} kernels")
 
 
 if __name__ == "__main__":

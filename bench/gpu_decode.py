@@ -118,7 +118,7 @@ def kernel_table(copy_bw: float) -> list[dict]:
         qw = ql.tile(qw)
         del copies
         ms_b = do_bench(partial(F.linear, x1, w), warmup=25, rep=100, return_mode="median")
-        ms_qp = do_bench(partial(ql.qlinear, xp, qw), warmup=10, rep=50, return_mode="median")
+        ms_qp = do_bench(partial(ql.qlinear_triton, xp, qw), warmup=10, rep=50, return_mode="median")
         ms_bp = do_bench(partial(F.linear, xp, w), warmup=10, rep=50, return_mode="median")
         rows.append({"shape": f"{name} {k}->{n}", "q_us": ms_q * 1e3, "q_gbs": qw.nbytes / ms_q / 1e6,
                      "q_frac": qw.nbytes / (ms_q / 1e3) / copy_bw, "gemv4_us": us_kind["gemv4"], "fp32_us": us_kind[""],
@@ -164,8 +164,8 @@ def ours(model_dir: Path, vram: float, copy_bw: float) -> dict:
     from openclaw.models.layers import QuantEmbedding, QuantLinear
 
     from openclaw.config import EngineConfig
-    from openclaw.engine import Engine
-    from openclaw.memory import loaded_bytes
+    from openclaw.engine.engine import Engine
+    from openclaw.engine.memory import loaded_bytes
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

@@ -15,11 +15,11 @@ from openclaw.kernels.kv_compact import kv_compact, kv_compact_ref
 from openclaw.kernels.tri_score import tri_score, tri_score_series
 from openclaw.models.layers import Rope
 
-from openclaw.compressor import Compressor
 from openclaw.config import EvictionConfig, SamplingParams
-from openclaw.evictor import EvictInputs, TriStats, keep_indices, triattention_aggregate, triattention_scores
-from openclaw.kv_pool import KVPool
-from openclaw.sequence import Sequence
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.sequence import Sequence
+from openclaw.evict.compressor import Compressor
+from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices, triattention_aggregate, triattention_scores
 
 
 def timed(fn, reps: int) -> float:
@@ -61,8 +61,7 @@ def main() -> None:
     stats = TriStats(mu_re, mu_im, torch.sqrt(mu_re ** 2 + mu_im ** 2) + torch.rand(L, H, D // 2, generator=g), omega)
     cfg = EvictionConfig(policy="triattention", budget=B, divide_length=div, stats="calibrated.pt")
     comp = Compressor(cfg, pool, H, omega, stats)
-    seq = Sequence([0] * 100, SamplingParams(max_tokens=100_000), max_len=10 ** 6)
-    comp.slots_for(seq)
+    seq = Sequence([0] * 100, SamplingParams(max_tokens=100_000), max_len=10 ** 6, kv_budget=B, divide_length=div)
     seq.slot_base, seq.capacity, seq.num_computed = 0, n, 30_000
 
     def evict():

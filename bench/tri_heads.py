@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from openclaw.models.layers import BatchMeta
 
-from openclaw.calibrate import dominant_r, load_stats
 from openclaw.config import EvictionConfig
-from openclaw.evictor import EvictInputs, keep_indices, triattention_scores
-from openclaw.fidelity import text_windows
-from openclaw.hub import resolve_model
-from openclaw.kv_pool import KVPool
-from openclaw.loader import load_model
+from openclaw.engine.kv_pool import KVPool
+from openclaw.eval.fidelity import text_windows
+from openclaw.evict.calibrate import dominant_r, load_stats
+from openclaw.evict.evictor import EvictInputs, keep_indices, triattention_scores
 from openclaw.tokenizer import Tokenizer
+from openclaw.weights.hub import resolve_model
+from openclaw.weights.loader import load_model
 
 POLICIES = ["streaming", "snapkv", "rkv", "h2o", "triattention", "triattention-trig", "triattention-norm"]
 

@@ -117,9 +117,19 @@ def num_partitions(max_len: int, batch_heads: int, device: torch.device) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
-                     kv_len: torch.Tensor, scale: float, max_len: int, num_parts: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D].
+                     kv_len: torch.Tensor, scale: float, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D] (into out when given).
+    Triton on CUDA tensors (decode_attention_triton), decode_attention_ref on CPU tensors."""
+    if q.is_cuda:
+        return decode_attention_triton(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=out)
+    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale)
+    return y if out is None else out.copy_(y)
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
+                            kv_len: torch.Tensor, scale: float, max_len: int, num_parts: int | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """The split-K Triton kernel and its combine (CPU tensors run in Triton's interpreter).
 
     Sequence b attends to slots [slot_base[b], slot_base[b] + kv_len[b]) (slot_base, kv_len: [B] int device
     tensors, 1 <= kv_len[b] <= max_len); query head h reads KV head h // (H / Hkv); softmax in fp32.
@@ -153,13 +163,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
                          kv_len: torch.Tensor, scale: float) -> torch.Tensor:
-    B, H = q.shape[:2]
+    """Plain PyTorch, fp32 scores, softmax and sums, one grouped matmul per KV head group: the oracle and the CPU
+    path."""
+    H, D = q.shape[1:]
     Hkv = k_cache.shape[1]
     out = torch.empty_like(q)
-    for b in range(B):
-        base, n = int(slot_base[b]), int(kv_len[b])
-        k = k_cache[base:base + n].float().repeat_interleave(H // Hkv, dim=1)  # [n, H, D]
-        v = v_cache[base:base + n].float().repeat_interleave(H // Hkv, dim=1)
-        p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), k) * scale, dim=-1)
-        out[b] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
+    for b, (base, n) in enumerate(zip(slot_base.tolist(), kv_len.tolist())):
+        k = k_cache[base:base + n].transpose(0, 1).float()  # [Hkv, n, D]
+        v = v_cache[base:base + n].transpose(0, 1).float()
+        qg = q[b].view(Hkv, H // Hkv, D).float()  # query head h reads KV head h // (H / Hkv)
+        p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)) * scale, dim=-1)
+        out[b] = torch.bmm(p, v).view(H, D).to(q.dtype)
     return out

@@ -1,9 +1,10 @@
 """Fused elementwise ops of a decoder layer, each one Triton launch: residual add + RMSNorm, q/k RMSNorm + RoPE + KV
-write, and SiLU-and-multiply; each beside its plain-PyTorch reference (fp32 math, the test oracle).
+write, and SiLU-and-multiply; each beside its plain-PyTorch reference (fp32 math).
 
-The kernels keep the rounding points of models/layers.py's torch path (cast to the activation dtype before a norm's
-weight multiply), so the fused CUDA path and the CPU path agree to dtype tolerance. Attention is kernels/
-decode_attention.py; nothing here decides when the fused path runs (models/layers.py does).
+Each public op dispatches itself: the Triton kernel (`<op>_triton`) for CUDA tensors, the reference (`<op>_ref`) for
+CPU tensors, so the reference is both the test oracle and the CPU path. Kernel and reference keep the same rounding
+points (the activation dtype before a norm's weight multiply, as Hugging Face's RMSNorm). Attention is kernels/
+decode_attention.py.
 """
 
 import torch
@@ -35,12 +36,22 @@ def _add_rmsnorm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, N, eps, stride_x,
     tl.store(y_ptr + i_t * stride_y + o_n, (b_n * b_w).to(y_ptr.dtype.element_ty), mask=m_n)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                out: torch.Tensor | None = None,
-                residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, N] (residual None: x alone); weight: [N] -> (rmsnorm(x + residual) * weight, x + residual).
 
-    The sum is rounded to x.dtype (it is the next layer's residual); without a residual the second result is x."""
+    The sum is rounded to x.dtype (it is the next layer's residual); without a residual the second result is x.
+    Triton on CUDA tensors, add_rmsnorm_ref on CPU tensors."""
+    if x.is_cuda:
+        return add_rmsnorm_triton(x, residual, weight, eps)
+    return add_rmsnorm_ref(x, residual, weight, eps)
+
+
+def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       out: torch.Tensor | None = None,
+                       residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rmsnorm as one Triton launch (any device: CPU tensors run in Triton's interpreter), into out and
+    residual_out when given."""
     T, N = x.shape
     assert x.stride(-1) == 1 and weight.shape == (N,) and weight.is_contiguous(), "rows must be contiguous"
     assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1)
@@ -57,6 +68,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rmsnorm in plain PyTorch (fp32 statistics, the same rounding points): the oracle and the CPU path."""
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
     xf = x.float()
@@ -66,13 +78,14 @@ def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
 
 
 @triton.jit
-def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, eps,
+def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, qp_ptr, eps,
                             stride_t, stride_ct, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                            Q_PRE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (T, cdiv(H + 2 Hkv, BLOCK_H)): BLOCK_H heads of one token's qkv row, each as two halves [BLOCK_D] (the
     RoPE pairs j, j + D/2). Heads [0, H) are queries, [H, H + Hkv) keys, the rest values; only q and k are normed and
-    rotated. Each head is stored to exactly one of q_out, k_cache, v_cache (masked stores, no branches)."""
+    rotated. Each head is stored to exactly one of q_out, k_cache, v_cache (masked stores, no branches); with Q_PRE the
+    normed queries before RoPE also go to qp (laid out as q_out)."""
     HALF: tl.constexpr = D // 2
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -108,14 +121,18 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr,
         x_hi = ((x_hi * rstd[:, None]).to(qkv_ptr.dtype.element_ty).to(tl.float32) * w_hi)
         x_lo = x_lo.to(qkv_ptr.dtype.element_ty).to(tl.float32)
         x_hi = x_hi.to(qkv_ptr.dtype.element_ty).to(tl.float32)
+    m_qd = m_q[:, None] & m_d[None, :]
+    p_qh = o_h[:, None].to(tl.int64) * stride_qh + o_d[None, :]
+    if Q_PRE:
+        tl.store(qp_ptr + i_t * stride_qt + p_qh, x_lo.to(qp_ptr.dtype.element_ty), mask=m_qd)
+        tl.store(qp_ptr + i_t * stride_qt + p_qh + HALF, x_hi.to(qp_ptr.dtype.element_ty), mask=m_qd)
     cos_lo = tl.load(cos_ptr + i_t * stride_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     cos_hi = tl.load(cos_ptr + i_t * stride_ct + HALF + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     sin_lo = tl.load(sin_ptr + i_t * stride_ct + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     sin_hi = tl.load(sin_ptr + i_t * stride_ct + HALF + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
     r_lo = x_lo * cos_lo - x_hi * sin_lo
     r_hi = x_hi * cos_hi + x_lo * sin_hi
-    p_q = q_ptr + i_t * stride_qt + o_h[:, None].to(tl.int64) * stride_qh + o_d[None, :]
-    m_qd = m_q[:, None] & m_d[None, :]
+    p_q = q_ptr + i_t * stride_qt + p_qh
     tl.store(p_q, r_lo.to(q_ptr.dtype.element_ty), mask=m_qd)
     tl.store(p_q + HALF, r_hi.to(q_ptr.dtype.element_ty), mask=m_qd)
     p_k = k_ptr + slot * stride_ks + (o_h - H).to(tl.int64)[:, None] * stride_kh + o_d[None, :]
@@ -126,10 +143,24 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr,
 
 def qk_norm_rope_kv(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, eps: float,
                     cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, H: int, Hkv: int, D: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, H: int, Hkv: int, D: int,
+                    q_pre: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (H + 2 Hkv) D] (the fused projection) -> rotated q [T, H, D]; writes rotated k and raw v to
     k_cache, v_cache [S, Hkv, D] at slot_mapping [T]. q_norm_w, k_norm_w: [D] per-head RMSNorm weights (Qwen3) or
-    both None; cos, sin: [T, 1, D] or [T, D] from Rope.cos_sin (HF "half" layout, scale included)."""
+    both None; cos, sin: [T, 1, D] or [T, D] from Rope.cos_sin (HF "half" layout, scale included). q_pre: [T, H, D],
+    filled with the queries RoPE rotates (after the norm) when given. Triton on CUDA tensors, the reference on CPU."""
+    if qkv.is_cuda:
+        return qk_norm_rope_kv_triton(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slot_mapping, H, Hkv,
+                                      D, q_pre=q_pre)
+    return qk_norm_rope_kv_ref(qkv, q_norm_w, k_norm_w, eps, cos, sin, k_cache, v_cache, slot_mapping, H, Hkv, D,
+                               q_pre=q_pre)
+
+
+def qk_norm_rope_kv_triton(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                           eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, H: int, Hkv: int, D: int,
+                           out: torch.Tensor | None = None, q_pre: torch.Tensor | None = None) -> torch.Tensor:
+    """qk_norm_rope_kv as one Triton launch (CPU tensors run in Triton's interpreter), into out when given."""
     T = qkv.shape[0]
     qk_norm = q_norm_w is not None
     assert qkv.shape == (T, (H + 2 * Hkv) * D) and qkv.stride(-1) == 1 and D % 2 == 0
@@ -140,6 +171,7 @@ def qk_norm_rope_kv(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: 
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and slot_mapping.shape == (T,)
     q = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device) if out is None else out
     assert q.shape == (T, H, D) and q.stride(-1) == 1
+    assert q_pre is None or q_pre.stride() == q.stride(), "q_pre must be laid out as the output"
     if T == 0:
         return q
     heads = H + 2 * Hkv
@@ -147,16 +179,19 @@ def qk_norm_rope_kv(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: 
     grid = (T, triton.cdiv(heads, block_h))
     dummy = cos  # never read without q/k-norm
     _qk_norm_rope_kv_kernel[grid](qkv, q_norm_w if qk_norm else dummy, k_norm_w if qk_norm else dummy, cos, sin,
-                                  slot_mapping, q, k_cache, v_cache, eps, qkv.stride(0), cos.stride(0), q.stride(0),
-                                  q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
-                                  v_cache.stride(1), H=H, HKV=Hkv, D=D, QK_NORM=qk_norm, BLOCK_H=block_h,
+                                  slot_mapping, q, k_cache, v_cache, q if q_pre is None else q_pre, eps,
+                                  qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0),
+                                  k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), H=H, HKV=Hkv, D=D,
+                                  QK_NORM=qk_norm, Q_PRE=q_pre is not None, BLOCK_H=block_h,
                                   BLOCK_D=triton.next_power_of_2(D // 2))
     return q
 
 
 def qk_norm_rope_kv_ref(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, eps: float,
                         cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor, H: int, Hkv: int, D: int) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, H: int, Hkv: int, D: int,
+                        q_pre: torch.Tensor | None = None) -> torch.Tensor:
+    """qk_norm_rope_kv in plain PyTorch (fp32 math, the same rounding points): the oracle and the CPU path."""
     T = qkv.shape[0]
     q, k, v = qkv.view(T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
 
@@ -167,13 +202,17 @@ def qk_norm_rope_kv_ref(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return (normed.float() * w.float()).to(x.dtype).float()
 
+    c, s = cos.reshape(T, 1, D).float(), sin.reshape(T, 1, D).float()
+
     def rope(x: torch.Tensor) -> torch.Tensor:
-        c, s = cos.reshape(T, 1, D).float(), sin.reshape(T, 1, D).float()
         return x * c + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * s
 
-    k_cache[slot_mapping] = rope(norm(k, k_norm_w)).to(k_cache.dtype)
-    v_cache[slot_mapping] = v.to(v_cache.dtype)
-    return rope(norm(q, q_norm_w)).to(qkv.dtype)
+    k_cache.index_copy_(0, slot_mapping, rope(norm(k, k_norm_w)).to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    qn = norm(q, q_norm_w)
+    if q_pre is not None:
+        q_pre.copy_(qn)
+    return rope(qn).to(qkv.dtype)
 
 
 @triton.jit
@@ -188,8 +227,14 @@ def _silu_mul_kernel(x_ptr, y_ptr, N, stride_x, stride_y, BLOCK: tl.constexpr):
     tl.store(y_ptr + i_t * stride_y + o_n, (b_a * b_u).to(y_ptr.dtype.element_ty), mask=m_n)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up: [T, 2I] (gate then up, the fused projection) -> silu(gate) * up: [T, I]."""
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (gate then up, the fused projection) -> silu(gate) * up: [T, I]. Triton on CUDA tensors, the
+    reference on CPU tensors."""
+    return silu_mul_triton(gate_up) if gate_up.is_cuda else silu_mul_ref(gate_up)
+
+
+def silu_mul_triton(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_mul as one Triton launch (CPU tensors run in Triton's interpreter), into out when given."""
     T, two_i = gate_up.shape
     assert two_i % 2 == 0 and gate_up.stride(-1) == 1
     n = two_i // 2
@@ -202,5 +247,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu_mul in plain PyTorch (fp32, SiLU rounded to the dtype as the kernel does): the oracle and the CPU path."""
     gate, up = gate_up.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate).to(gate_up.dtype).float() * up).to(gate_up.dtype)

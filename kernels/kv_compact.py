@@ -4,7 +4,7 @@ keep[l, h] holds sorted slot offsets (relative to the sequence's base) of the en
 result is the old entry keep[l, h, j], so order stays temporal. Because keep is sorted, keep[j] >= j: a block of
 destinations [j0, j0 + BLOCK) is read only from slots >= j0, and later blocks read only slots >= j0 + BLOCK, so one
 program per (layer, head) can walk the blocks in order with a barrier between its loads and stores, no scratch.
-It does not choose what to keep (openclaw.evictor does).
+It does not choose what to keep (openclaw.evict.evictor does).
 """
 
 import torch
@@ -37,7 +37,13 @@ def _kv_compact_kernel(k_ptr, v_ptr, keep_ptr, base, budget, stride_l, stride_s,
 
 
 def kv_compact(k: torch.Tensor, v: torch.Tensor, base: int, keep: torch.Tensor) -> None:
-    """k, v: [L, S, Hkv, D] pool tensors (modified in place); keep: [L, Hkv, B] sorted offsets from base."""
+    """k, v: [L, S, Hkv, D] pool tensors (modified in place); keep: [L, Hkv, B] sorted offsets from base. Triton on
+    CUDA tensors, kv_compact_ref on CPU tensors."""
+    (kv_compact_triton if k.is_cuda else kv_compact_ref)(k, v, base, keep)
+
+
+def kv_compact_triton(k: torch.Tensor, v: torch.Tensor, base: int, keep: torch.Tensor) -> None:
+    """kv_compact as one Triton launch (CPU tensors run in Triton's interpreter)."""
     L, _, hkv, D = k.shape
     assert k.is_contiguous() and v.is_contiguous() and k.shape == v.shape and keep.shape[:2] == (L, hkv)
     budget = keep.shape[2]
@@ -47,7 +53,8 @@ def kv_compact(k: torch.Tensor, v: torch.Tensor, base: int, keep: torch.Tensor) 
 
 
 def kv_compact_ref(k: torch.Tensor, v: torch.Tensor, base: int, keep: torch.Tensor) -> None:
-    """Plain-PyTorch compaction: gather the kept entries, then write them to the front of the range."""
+    """Plain-PyTorch compaction (gather the kept entries, then write them to the front of the range): the oracle and
+    the CPU path."""
     budget = keep.shape[2]
     n = int(keep.max()) + 1
     idx = keep.to(k.device, torch.long).transpose(1, 2)[..., None].expand(-1, -1, -1, k.shape[-1])  # [L, B, Hkv, D]

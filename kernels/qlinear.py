@@ -10,7 +10,7 @@ tiled: the same bytes of a 4-bit weight (groups of 128k, N % 16 == 0) stored til
 GEMV (kernels/gemv_mma.py: tile_words), which reads each 16-row tile's 128-code step as 1 KB contiguous; the loader
 tiles the weights of bf16 models so on sm_80+ GPUs (tile()). Only the Triton kernels read them; the torch helpers
 untile first.
-It does not read source formats (openclaw.quant_formats converts AWQ / bnb / GGUF into this layout).
+It does not read source formats (openclaw.weights.formats converts AWQ / bnb / GGUF into this layout).
 """
 
 import functools
@@ -59,7 +59,7 @@ class QuantWeight:
 
     @property
     def layout(self) -> tuple[int, int, bool, bool, int]:
-        """(bits, group, has offsets, has lut, zero): openclaw.weight_size.Layout's fields. Weights of one layout
+        """(bits, group, has offsets, has lut, zero): openclaw.weights.sizes.Layout's fields. Weights of one layout
         stack into one (concat_rows) without widening."""
         return self.bits, self.group, self.offsets is not None, self.lut is not None, self.zero
 
@@ -401,7 +401,18 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype, rows: tuple[int, int] | None
     return w
 
 
-def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def qlinear(x: torch.Tensor, weight: QuantWeight | list[QuantWeight], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x.dtype through one weight, or a list of weights stacked along N that keep their own
+    layouts (QuantLinear's parts). Triton on CUDA tensors (qlinear_triton, qlinear_parts_triton); on CPU tensors
+    qlinear_ref, rounded to x.dtype."""
+    if x.is_cuda:
+        if isinstance(weight, list):
+            return qlinear_parts_triton(x, weight, bias)
+        return qlinear_triton(x, weight, bias)
+    return qlinear_ref(x, weight, bias).to(x.dtype)
+
+
+def qlinear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x.dtype. Up to GEMV_CHUNKED_ROWS rows: the fused GEMV (8 rows per launch);
     more (prefill): chunks of DEQUANT_CHUNK_BYTES of dequantized weight, each multiplied by torch (cuBLAS)."""
     K = qw.shape[1]
@@ -427,7 +438,8 @@ def qlinear(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) 
     return y.view(*x.shape[:-1], N)
 
 
-def qlinear_parts(x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor | None = None) -> torch.Tensor:
+def qlinear_parts_triton(x: torch.Tensor, parts: list[QuantWeight],
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x.dtype through weights stacked along N that keep their own layouts (q/k/v of
     different GGUF types, where one concat_rows would widen all of them to the widest): up to GEMV_MAX_ROWS rows, one
     fused GEMV per part into its columns of one output; more, one qlinear per part. bias: [N], split likewise."""
@@ -445,13 +457,16 @@ def qlinear_parts(x: torch.Tensor, parts: list[QuantWeight], bias: torch.Tensor 
             qgemv(x2, p, b, out=y[:, start:start + p.shape[0]])
             start += p.shape[0]
     else:
-        y = torch.cat([qlinear(x2, p, b) for p, b in zip(parts, biases, strict=True)], dim=1)
+        y = torch.cat([qlinear_triton(x2, p, b) for p, b in zip(parts, biases, strict=True)], dim=1)
     return y.view(*x.shape[:-1], N)
 
 
-def qlinear_ref(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The oracle: dequantize in fp32 and matmul in fp32 -> [..., N] fp32."""
-    y = x.float() @ qw.dequantize(torch.float32).T
+def qlinear_ref(x: torch.Tensor, weight: QuantWeight | list[QuantWeight],
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The oracle and the CPU path: dequantize in fp32 (parts stacked along N) and matmul in fp32 -> [..., N] fp32."""
+    parts = weight if isinstance(weight, list) else [weight]
+    w = torch.cat([p.dequantize(torch.float32) for p in parts]) if len(parts) > 1 else parts[0].dequantize()
+    y = x.float() @ w.T
     return y if bias is None else y + bias.float()
 
 

@@ -4,7 +4,7 @@ score_h(key) = mean_d sum_f |mu_f| |k_f| cos(omega_f (t - p + d) + arg mu_f - ar
 With the cached key already rotated (k_rot_f = k_f e^{i omega_f p}) the position drops out, and the mean over the
 offsets d folds into one complex factor per band, E_f = mean_d e^{i omega_f (t + d)}, so the trig term is the dot
 product of the key with an "expected query" mu_f E_f: the kernel reads each key once and does one FMA pass.
-Pairing is the "half" layout (band f = dims f and f + D/2). It does not aggregate or select (openclaw.evictor does).
+Pairing is the "half" layout (band f = dims f and f + D/2). It does not aggregate or select (openclaw.evict.evictor does).
 """
 
 import torch
@@ -59,9 +59,17 @@ def expected_query(mu_re: torch.Tensor, mu_im: torch.Tensor, a_mean: torch.Tenso
 
 
 def tri_score(keys: torch.Tensor, mu_re: torch.Tensor, mu_im: torch.Tensor, a_mean: torch.Tensor,
-              omega: torch.Tensor, t: int, offsets=OFFSETS, terms: str = "both",
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """keys: [L, n, Hkv, D] post-RoPE (a view of the pool is fine); stats [L, H, F] -> scores [L, H, n] fp32."""
+              omega: torch.Tensor, t: int, offsets=OFFSETS, terms: str = "both") -> torch.Tensor:
+    """keys: [L, n, Hkv, D] post-RoPE (a view of the pool is fine); stats [L, H, F] -> scores [L, H, n] fp32.
+    Triton on CUDA tensors, tri_score_ref on CPU tensors."""
+    score = tri_score_triton if keys.is_cuda else tri_score_ref
+    return score(keys, mu_re, mu_im, a_mean, omega, t, offsets, terms)
+
+
+def tri_score_triton(keys: torch.Tensor, mu_re: torch.Tensor, mu_im: torch.Tensor, a_mean: torch.Tensor,
+                     omega: torch.Tensor, t: int, offsets=OFFSETS, terms: str = "both",
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """tri_score as one Triton launch (CPU tensors run in Triton's interpreter), into out when given."""
     L, n, hkv, D = keys.shape
     H, F = mu_re.shape[1], D // 2
     assert keys.stride(-1) == 1 and D % 2 == 0 and mu_re.shape == (L, H, F) and H % hkv == 0
@@ -99,7 +107,7 @@ def _series(k_re, k_im, mu_re, mu_im, a_mean, phase, terms) -> torch.Tensor:
 
 def tri_score_ref(keys: torch.Tensor, mu_re: torch.Tensor, mu_im: torch.Tensor, a_mean: torch.Tensor,
                   omega: torch.Tensor, t: int, offsets=OFFSETS, terms: str = "both") -> torch.Tensor:
-    """Plain-PyTorch tri_score (same folded math, fp32): the kernel's oracle and the CPU path."""
+    """Plain-PyTorch tri_score (same folded math, fp32): the oracle and the CPU path."""
     L, n, hkv, D = keys.shape
     G = mu_re.shape[1] // hkv
     qr, qi, w = expected_query(mu_re, mu_im, a_mean, omega, t, offsets, terms)

@@ -2,8 +2,9 @@
 and the quantized linear / embedding layers over kernels/qlinear.py's layout.
 
 Attention reads the KV pool as a sequence's slots [base, base + kv_len) in temporal order, keys already rotated:
-SDPA per sequence for prefill, and for decode either grouped matmuls (the plain path) or, with `fused`, the Triton
-flash-decoding kernel. It does not own the pool or decide what is cached; the runner and the KV pool do.
+SDPA per sequence for prefill, kernels/decode_attention.py for decode. Every op goes through a kernel wrapper that
+picks Triton for CUDA tensors and its plain-PyTorch reference for CPU tensors, so the model knows no device. It does
+not own the pool or decide what is cached; the runner and the KV pool do.
 """
 
 import math
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from openclaw.kernels.decode_attention import decode_attention
 from openclaw.kernels.decode_ops import add_rmsnorm
-from openclaw.kernels.qlinear import GEMV_MAX_ROWS, QuantWeight, qgemv, qlinear, qlinear_parts, silu_mul_interleaved
+from openclaw.kernels.qlinear import GEMV_MAX_ROWS, QuantWeight, qgemv, qlinear, silu_mul_interleaved
 from torch import nn
 
 
@@ -30,10 +31,10 @@ class BatchMeta:
                vectors RoPE rotates; post-RoPE), both [T, H, D], after writing this step's K/V to the pool.
                Calibration and query-based eviction read queries through it; None costs nothing.
     kv_valid: [number of sequences] slots each sequence really has, on the device: at most seqs' kv_len, which is
-              only an upper bound fixed at CUDA-graph capture in the runner's batch-1 decode graphs; slots past it
-              are masked. The fused decode attention reads lengths only from here (with slot_base).
-    slot_base: [number of sequences] each sequence's first slot, on the device; with kv_valid it lets the fused
-               decode attention run without host values, so a graph replays at any length. None: plain decode.
+              only an upper bound fixed at CUDA-graph capture in the runner's decode graphs; slots past it are
+              masked. Decode attention reads lengths only from here (with slot_base). Default: seqs' kv_len.
+    slot_base: [number of sequences] each sequence's first slot, on the device, so decode attention runs without
+               host values and a graph replays at any length. Default: seqs' slot_base.
     """
 
     slot_mapping: torch.Tensor
@@ -43,6 +44,13 @@ class BatchMeta:
     kv_valid: torch.Tensor | None = None
     slot_base: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        dev = self.slot_mapping.device
+        if self.slot_base is None:
+            self.slot_base = torch.tensor([s[2] for s in self.seqs], dtype=torch.long, device=dev)
+        if self.kv_valid is None:
+            self.kv_valid = torch.tensor([s[3] for s in self.seqs], dtype=torch.long, device=dev)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -51,20 +59,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, then cast back before the weight, as the HF reference does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """x: [..., N]; fp32 statistics, cast back before the weight, as the HF reference does."""
+        return self.add_norm(x.reshape(-1, x.shape[-1]), None)[0].view(x.shape)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
-                 fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual: [T, N] -> (norm(x + residual), x + residual), vLLM style: the sum is the residual stream the
-        next block adds to; residual None means x alone. fused: one Triton kernel (kernels/decode_ops.py)."""
-        if fused:
-            return add_rmsnorm(x, residual, self.weight, self.eps)
-        if residual is not None:
-            x = x + residual
-        return self(x), x
+        next block adds to; residual None means x alone (kernels/decode_ops.py, one kernel on CUDA)."""
+        return add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 def rope_parameters(cfg: dict) -> dict:
@@ -154,42 +155,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k_cache, v_cache: [S, Hkv, D] (one layer of the pool); k, v: [T, Hkv, D]."""
-    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-
-
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta,
-                   scale: float, fused: bool = False) -> torch.Tensor:
+                   scale: float) -> torch.Tensor:
     """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step.
 
-    fused (with meta.slot_base and meta.kv_valid set): decoding sequences use the Triton flash-decoding kernel, all
-    of them in one launch when every sequence of the step decodes."""
-    fused = fused and meta.slot_base is not None and meta.kv_valid is not None
-    if fused and all(q_len == 1 and q_start == i for i, (q_start, q_len, _, _) in enumerate(meta.seqs)):
+    Decoding sequences (one query) go through kernels/decode_attention.py, all of them in one call when every sequence
+    of the step decodes; a prefill chunk through SDPA."""
+    if all(q_len == 1 and q_start == i for i, (q_start, q_len, _, _) in enumerate(meta.seqs)):
         max_len = max(kv_len for _, _, _, kv_len in meta.seqs)
         return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len)
     out = torch.empty_like(q)
     for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
-        if q_len == 1 and fused:
+        if q_len == 1:
             decode_attention(q[q_start:q_start + 1], k_cache, v_cache, meta.slot_base[i:i + 1],
                              meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1])
             continue
         qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
         ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
         vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)
-        if q_len == 1:  # decode: grouped matmuls beat SDPA's math fallback on the CPU
-            valid = None if meta.kv_valid is None else meta.kv_valid[i]
-            out[q_start] = _decode_attention(qs[:, 0], ks, vs, scale, valid)
-            continue
-        mask = None
-        if q_len > 1:
-            # query i sees every cached slot plus new tokens up to itself
-            cols = torch.arange(kv_len, device=q.device)
-            rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
-            mask = cols[None, :] <= rows[:, None]
+        # query i sees every cached slot plus new tokens up to itself
+        cols = torch.arange(kv_len, device=q.device)
+        rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        mask = cols[None, :] <= rows[:, None]
         if q.is_cuda:
             o = _prefill_attention_cuda(qs, ks, vs, mask, scale)
         else:
@@ -213,27 +200,14 @@ def _prefill_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      valid: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [H, D]; k, v: [Hkv, L, D] -> [H, D]. Query head h reads KV head h // (H / Hkv); softmax in fp32.
-    valid (0-d tensor): only the first `valid` of the L slots count."""
-    hkv = k.shape[0]
-    qg = q.view(hkv, -1, q.shape[-1])  # [Hkv, G, D]
-    s = torch.bmm(qg, k.transpose(1, 2)).float() * scale
-    if valid is not None:
-        s = s.masked_fill(torch.arange(k.shape[1], device=k.device) >= valid, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.bmm(p.to(v.dtype), v).view(q.shape)
-
-
 class QuantLinear(nn.Module):
     """A linear layer over a group-quantized weight (openclaw.kernels.qlinear.QuantWeight), set by the loader: one
     QuantWeight, or a list of them stacked along N in output order when a fused projection's parts have different
     layouts (a GGUF Q4_K_M's Q4_K q/k and Q6_K v), each kept in its own.
 
-    On CUDA the Triton kernels run (fused GEMV for decode, dequantize + cuBLAS for prefill; per part for a list); on
-    the CPU the weight is dequantized to x's dtype on every call (the reference), so the CPU engine runs quantized
-    checkpoints too.
+    kernels/qlinear.py's qlinear runs it: on CUDA the Triton kernels (fused GEMV for decode, dequantize + cuBLAS for
+    prefill; per part for a list), on the CPU the reference (the weight dequantized on every call), so the CPU engine
+    runs quantized checkpoints too.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -250,13 +224,7 @@ class QuantLinear(nn.Module):
         return self.qweight if isinstance(self.qweight, list) else [self.qweight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.qweight, list):
-            if x.is_cuda:
-                return qlinear_parts(x, self.qweight, self.bias)
-            return F.linear(x, torch.cat([p.dequantize(x.dtype) for p in self.qweight]), self.bias)
-        if x.is_cuda:
-            return qlinear(x, self.qweight, self.bias)
-        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        return qlinear(x, self.qweight, self.bias)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of an interleaved [gate; up] projection -> [..., out_features / 2]: up to GEMV_MAX_ROWS bf16

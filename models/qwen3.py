@@ -1,10 +1,10 @@
 """The dense GQA decoder family: Qwen3 (q/k RMSNorm before RoPE), Qwen2 (q/k/v bias) and Llama (neither).
 
-Reads top to bottom: config (HF field names, from config.json) -> modules -> model -> checkpoint-name mapping.
-The checkpoint's q/k/v and gate/up projections are fused here; PACKED says how their tensors fold in.
-With `fused` (on CUDA by default) norms, q/k-norm + RoPE + KV write and SiLU-mul run as Triton kernels
-(kernels/decode_ops.py) and decode attention as flash-decoding; the plain path is the CPU reference.
-It does not load weights (openclaw.loader does) or own the KV pool (the runner passes it in).
+Reads top to bottom: config (HF field names, from config.json) -> modules -> model -> checkpoint-name mapping ->
+the family's table entry. The checkpoint's q/k/v and gate/up projections are fused here; PACKED says how their
+tensors fold in. Norms, q/k-norm + RoPE + KV write, SiLU-mul and decode attention are kernels/ ops, which run Triton on
+CUDA tensors and their references on the CPU. It does not load weights (openclaw.weights.loader does) or own the KV
+pool (the runner passes it in).
 """
 
 from dataclasses import dataclass, field
@@ -12,20 +12,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from openclaw.kernels.decode_ops import qk_norm_rope_kv, silu_mul
+from openclaw.models.family import Family
 from openclaw.models.layers import (
     BatchMeta,
     QuantEmbedding,
     QuantLinear,
     RMSNorm,
     Rope,
-    apply_rope,
     pool_attention,
     rope_parameters,
-    write_kv,
 )
 from torch import nn
-
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # fused parameter -> checkpoint tensors in the order they are stacked along the output dim
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -73,6 +70,36 @@ class Qwen3Config:
             rope=rope_parameters(d),
         )
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV pool bytes of one token, all layers (K and V of every KV head)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+    def linear_shapes(self) -> list[tuple[str, int, int, bool]]:
+        """(checkpoint name, N, K, has bias) of every linear weight of the decoder layers, as the checkpoint stores
+        them (unfused)."""
+        h, d, inter = self.hidden_size, self.head_dim, self.intermediate_size
+        heads, hkv, bias = self.num_attention_heads, self.num_key_value_heads, self.attention_bias
+        layer = [("self_attn.q_proj", heads * d, h, bias), ("self_attn.k_proj", hkv * d, h, bias),
+                 ("self_attn.v_proj", hkv * d, h, bias), ("self_attn.o_proj", h, heads * d, self.o_bias),
+                 ("mlp.gate_proj", inter, h, False), ("mlp.up_proj", inter, h, False), ("mlp.down_proj", h, inter, False)]
+        return [(f"model.layers.{i}.{name}.weight", n, k, b)
+                for i in range(self.num_hidden_layers) for name, n, k, b in layer]
+
+    def norm_elements(self) -> int:
+        """Weights of every RMSNorm (layer norms, q/k norms, the final norm)."""
+        per_layer = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        return self.num_hidden_layers * per_layer + self.hidden_size
+
+    def activation_bytes(self, tokens: int, context: int, dtype_bytes: int) -> int:
+        """Bytes of one forward step's transient tensors at `tokens` tokens of prefill against `context` cached ones:
+        hidden states, fused qkv, attention output, gate/up, and prefill attention's per-KV-head-group K/V copy
+        (models/layers.py) and its [T, S] mask."""
+        h, d = self.hidden_size, self.head_dim
+        heads, hkv = self.num_attention_heads, self.num_key_value_heads
+        per_token = 4 * h + (heads + 2 * hkv) * d + heads * d + 3 * self.intermediate_size
+        attention = 2 * 2 * (heads // hkv) * context * d * dtype_bytes + tokens * context
+        return 2 * tokens * per_token * dtype_bytes + attention
+
 
 def linear(in_features: int, out_features: int, bias: bool, quantized: bool) -> nn.Module:
     return QuantLinear(in_features, out_features, bias) if quantized else nn.Linear(in_features, out_features, bias)
@@ -92,25 +119,18 @@ class Attention(nn.Module):
         self.scale = self.d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, fused: bool = False) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden]; k_cache, v_cache: [S, Hkv, D] (this layer's pool)."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)
-        if fused and meta.query_tap is None:  # the tap needs pre-RoPE queries, which the fused kernel never stores
-            norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-            q = qk_norm_rope_kv(qkv, *norms, self.eps, cos, sin, k_cache, v_cache, meta.slot_mapping, self.h,
-                                self.hkv, self.d)
-        else:
-            q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-            q, k, v = q.view(T, self.h, self.d), k.view(T, self.hkv, self.d), v.view(T, self.hkv, self.d)
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q_pre = q
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            if meta.query_tap is not None:
-                meta.query_tap(q_pre, q)
-        o = pool_attention(q, k_cache, v_cache, meta, self.scale, fused)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        # the tap (calibration, query-based eviction) sees the vectors RoPE rotates: after q_norm, after the bias
+        q_pre = None if meta.query_tap is None else qkv.new_empty(T, self.h, self.d)
+        q = qk_norm_rope_kv(qkv, *norms, self.eps, cos, sin, k_cache, v_cache, meta.slot_mapping, self.h, self.hkv,
+                            self.d, q_pre=q_pre)
+        if meta.query_tap is not None:
+            meta.query_tap(q_pre, q)
+        o = pool_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
@@ -123,13 +143,10 @@ class MLP(nn.Module):
             self.gate_up_proj.gated = True  # the loader may interleave its rows (SiLU-mul in the decode GEMV)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.gate_up_proj, "interleaved", False):  # a 4-bit weight on the GPU: SiLU in the GEMV
             return self.down_proj(self.gate_up_proj.silu_mul(x))
-        if fused:
-            return self.down_proj(silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -140,13 +157,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache, fused=False):
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
         """-> (this layer's MLP output, the residual stream before it): the caller adds them, here in the next
-        layer's add_norm, so that the add and the norm are one kernel on the fused path."""
-        x, residual = self.input_layernorm.add_norm(x, residual, fused)
-        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache, fused)
-        x, residual = self.post_attention_layernorm.add_norm(x, residual, fused)
-        return self.mlp(x, fused), residual
+        layer's add_norm, so that the add and the norm are one kernel."""
+        x, residual = self.input_layernorm.add_norm(x, residual)
+        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache)
+        x, residual = self.post_attention_layernorm.add_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class Backbone(nn.Module):
@@ -160,9 +177,7 @@ class Backbone(nn.Module):
 
 class Qwen3ForCausalLM(nn.Module):
     """quantized: every linear layer is a QuantLinear and the embedding a QuantEmbedding; the loader fills them from a
-    quantized checkpoint (embeddings and lm_head in 8 bits). A tied quantized lm_head shares the embedding's weight.
-    fused_kernels: run the Triton kernels (True; Triton's interpreter on CPU tensors) or the plain PyTorch path
-    (False); None picks them when the inputs are on CUDA."""
+    quantized checkpoint (embeddings and lm_head in 8 bits). A tied quantized lm_head shares the embedding's weight."""
 
     def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
@@ -172,7 +187,6 @@ class Qwen3ForCausalLM(nn.Module):
         if quantized or not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, quantized)
         self.rope = Rope(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
-        self.fused_kernels: bool | None = None
 
     def lm_head_weight(self) -> torch.Tensor:
         """The unquantized model's output projection [vocab, hidden]."""
@@ -187,14 +201,13 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; k_pool, v_pool: [L, S, Hkv, D] -> logits [N, vocab] (fp32) of sampled rows."""
-        fused = input_ids.is_cuda if self.fused_kernels is None else self.fused_kernels
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         residual = None
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, meta, k_pool[i], v_pool[i], fused)
+            x, residual = layer(x, residual, cos, sin, meta, k_pool[i], v_pool[i])
         idx = meta.sample_idx
-        x, _ = self.model.norm.add_norm(x[idx], None if residual is None else residual[idx], fused)
+        x, _ = self.model.norm.add_norm(x[idx], None if residual is None else residual[idx])
         return self.logits(x)
 
 
@@ -213,8 +226,14 @@ def checkpoint_target(name: str) -> tuple[str, int, int] | None:
 
 
 def packed_sizes(cfg: Qwen3Config, fused: str) -> list[int]:
-    """Output rows of each checkpoint tensor folded into a fused parameter."""
+    """Output rows of each checkpoint tensor folded into a fused parameter; [] for any other parameter."""
     if fused == "qkv_proj":
         d = cfg.head_dim
         return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]
-    return [cfg.intermediate_size, cfg.intermediate_size]
+    if fused == "gate_up_proj":
+        return [cfg.intermediate_size, cfg.intermediate_size]
+    return []
+
+FAMILY = Family(config=Qwen3Config, model=Qwen3ForCausalLM, checkpoint_target=checkpoint_target,
+                packed_sizes=packed_sizes, architectures={"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                                          "qwen3": "Qwen3ForCausalLM"})

@@ -103,21 +103,19 @@ class Chat:
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
-    def _limits(self) -> tuple[int, int]:
-        """(prompt tokens at most, tokens kept free for the answer). Without eviction the whole turn must fit the
-        pool and the context; with it only a pinned prompt must fit the budget (the answer's KV is evicted)."""
+    def _fits(self) -> bool:
+        """Whether the conversation's prompt leaves room to answer (Engine.max_new_tokens): a quarter of the space the
+        prompt could take, at most --max-tokens; with a pinned prompt under eviction, any room at all (the answer's
+        KV is evicted)."""
         engine = self.llm.engine
         ev = engine.config.evict
-        if ev.evicts and ev.pin_prompt:
-            return ev.budget - ev.protect_recent - 1, 0
-        limit = engine.max_model_len if ev.evicts else min(engine.max_model_len, engine.pool.num_slots)
-        return limit, min(self.params.max_tokens, limit // 4)
+        need = 1 if ev.evicts and ev.pin_prompt else min(self.params.max_tokens, engine.max_new_tokens(0) // 4)
+        return engine.max_new_tokens(len(self.llm.chat_ids(self.conversation(), **self._template()))) >= need
 
     def _fit(self) -> int:
         """Drop the oldest turns until the prompt leaves room to answer; how many messages were dropped."""
-        limit, room = self._limits()
         dropped = 0
-        while len(self.llm.chat_ids(self.conversation(), **self._template())) + room > limit and len(self.messages) > 1:
+        while not self._fits() and len(self.messages) > 1:
             del self.messages[0]
             dropped += 1
             while len(self.messages) > 1 and self.messages[0]["role"] != "user":

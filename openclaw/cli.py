@@ -181,7 +181,7 @@ def _run_jsonl(llm, items: list, defaults: SamplingParams, system, think, think_
 @app.command()
 def chat(
     model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Manifest name, directory or .gguf.")] = None,
-    model: Model = _E.model, max_tokens: MaxTokens = 2048, temperature: Temperature = None, top_p: TopP = None,
+    model: Model = _E.model, max_tokens: MaxTokens = _S.max_tokens, temperature: Temperature = None, top_p: TopP = None,
     top_k: TopK = None, min_p: MinP = None, seed: Seed = None, system: System = None, think: Think = None,
     think_budget: ThinkBudget = None, device: Device = _E.device, dtype: Dtype = _E.dtype,
     kv_tokens: KvTokens = _E.kv_tokens, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
@@ -207,7 +207,7 @@ def serve(
     model: Model = _E.model, host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 = any free one).")] = 8000,
     name: Annotated[str | None, typer.Option(help="Model id clients ask for (default: the model's name).")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of requests that give none.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of requests that give none.")] = _S.max_tokens,
     device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     vram: Vram = None, evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
@@ -215,8 +215,8 @@ def serve(
     quantize: Quantize = _E.quantize,
 ):
     """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded in one batch."""
-    from openclaw.openai_api import Api
-    from openclaw.server import make_server, serve_until_interrupted
+    from openclaw.server.openai_api import Api
+    from openclaw.server.server import make_server, serve_until_interrupted
 
     spec = model_arg or model
     config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize)
@@ -241,14 +241,12 @@ def plan(
     max_seqs: MaxSeqs = _E.max_seqs, cache_dir: CacheDir = DEFAULT_CACHE, quantize: Quantize = _E.quantize,
 ):
     """Print the VRAM plan (weights, workspace, KV pool, KV tokens) without loading weights; exit 2 if it won't fit."""
-    from openclaw.config import QUANTIZE
-    from openclaw.memory import plan_model
+    from openclaw.engine.memory import plan_model
 
-    if quantize not in QUANTIZE:
-        raise OpenClawError(f"--quantize {quantize!r} must be one of {', '.join(QUANTIZE)}")
-    p, name, fitting = plan_model(model_arg, cache_dir, vram, kv_budget, max_seqs=max_seqs,
-                                  max_batch_tokens=_E.max_batch_tokens, divide_length=_V.divide_length,
-                                  quantize=quantize)
+    config = EngineConfig(model=model_arg, vram=vram, max_seqs=max_seqs, cache_dir=cache_dir, quantize=quantize)
+    p, name, fitting = plan_model(model_arg, config.cache_dir, config.vram, kv_budget, max_seqs=config.max_seqs,
+                                  max_batch_tokens=config.max_batch_tokens, divide_length=_V.divide_length,
+                                  quantize=config.quantize)
     table = Table("", name, show_header=True)
     for label, value in p.rows():
         table.add_row(label, value)

@@ -1,6 +1,7 @@
 """`openclaw calibrate` and `openclaw eval fidelity|needle`: the TriAttention commands, registered by cli.py.
 
-Like cli.py this talks to the user (rich, stderr for progress); the work is in calibrate.py, fidelity.py, needle.py.
+Like cli.py this talks to the user (rich, stderr for progress); the work is in openclaw/evict/calibrate.py and
+openclaw/eval/ (fidelity.py, needle.py).
 """
 
 import json
@@ -39,21 +40,17 @@ def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | No
     """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
     import torch
 
-    from openclaw.config import QUANTIZE
-    from openclaw.engine import pick_device
-    from openclaw.hub import load_quantize, resolve_model
-    from openclaw.loader import load_planned, resolve_dtype
+    from openclaw.engine.engine import pick_device, plan_and_load, resolve_dtype
     from openclaw.tokenizer import Tokenizer
+    from openclaw.weights.hub import load_quantize, resolve_model
 
-    if vram is not None and vram <= 0:
-        raise OpenClawError(f"--vram {vram} GiB must be > 0")
-    if quantize not in QUANTIZE:
-        raise OpenClawError(f"--quantize {quantize!r} must be one of {', '.join(QUANTIZE)}")
-    dev = pick_device(device)
-    quantize = load_quantize(model, quantize, dev.type == "cuda")
-    model_dir = resolve_model(model, cache_dir, quantized=quantize == "nf4")
+    config = EngineConfig(model=model, device=device, dtype=dtype, cache_dir=cache_dir, vram=vram, quantize=quantize,
+                          kv_tokens=kv_tokens)  # validates the options as run, chat and serve do
+    dev = pick_device(config.device)
+    quantize = load_quantize(model, config.quantize, dev.type == "cuda")
+    model_dir = resolve_model(model, config.cache_dir, quantized=quantize == "nf4")
     torch.manual_seed(0)
-    m, _ = load_planned(model_dir, dev, resolve_dtype(dtype, dev), quantize, vram, kv_tokens=kv_tokens)
+    m, _ = plan_and_load(model_dir, dev, resolve_dtype(config.dtype, dev), quantize, vram, kv_tokens=kv_tokens)
     return m, Tokenizer.from_dir(model_dir), model_dir.name
 
 
@@ -68,7 +65,7 @@ def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
 
 
 def _stats(stats: str | None, model):
-    from openclaw.calibrate import load_stats
+    from openclaw.evict.calibrate import load_stats
 
     if stats is None or stats == "auto":
         return None
@@ -92,8 +89,8 @@ def calibrate(
     quantize: Quantize = _E.quantize,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
-    from openclaw.calibrate import calibrate as run_calibration
-    from openclaw.calibrate import concentration, save_stats
+    from openclaw.evict.calibrate import calibrate as run_calibration
+    from openclaw.evict.calibrate import concentration, save_stats
 
     model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
     ids = _text_ids(tokenizer, text)[:tokens]
@@ -134,7 +131,7 @@ def fidelity(
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
 ):
     """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
-    from openclaw.fidelity import evaluate, standard_runs, text_windows
+    from openclaw.eval.fidelity import evaluate, standard_runs, text_windows
 
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     if "triattention" in policy_list and stats is None:
@@ -177,8 +174,8 @@ def needle(
     quantize: Quantize = _E.quantize,
 ):
     """Plant a fact early, ask for it DORMANCY tokens later: exact match and answer log-prob, with controls."""
-    from openclaw.fidelity import standard_runs
-    from openclaw.needle import build_cases, run_needles
+    from openclaw.eval.fidelity import standard_runs
+    from openclaw.eval.needle import build_cases, run_needles
 
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,

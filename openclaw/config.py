@@ -28,7 +28,7 @@ class SamplingParams:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
-    max_tokens: int = 512
+    max_tokens: int = 4096  # run, chat and serve alike; the server caps it by what the context and the pool leave
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
@@ -45,13 +45,10 @@ class SamplingParams:
         _check(self.seed is None or 0 <= self.seed < 2**63, f"seed {self.seed} must be in [0, 2**63)")
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
-        """Fill the None fields from a generation_config-style dict (do_sample False means greedy)."""
-        values = {}
-        for f in fields(self):
-            if getattr(self, f.name) is None and defaults.get(f.name) is not None:
-                values[f.name] = defaults[f.name]
-        if self.temperature is None and defaults.get("do_sample") is False:
-            values["temperature"] = 0.0
+        """Fill the None fields from a dict of defaults (openclaw.engine.engine.sampling_defaults of the model's
+        generation_config)."""
+        values = {f.name: defaults[f.name] for f in fields(self)
+                  if getattr(self, f.name) is None and defaults.get(f.name) is not None}
         return replace(self, **values)
 
     @property
@@ -127,13 +124,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"device {self.device!r} must be auto, cpu, cuda or cuda:N")
+               f"--device {self.device!r} must be auto, cpu, cuda or cuda:N")
         _check(self.dtype in ("auto", "bfloat16", "float16", "float32"),
-               f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
-        _check(self.kv_tokens is None or self.kv_tokens >= 16, f"kv_tokens {self.kv_tokens} must be >= 16")
-        _check(self.vram is None or self.vram > 0, f"vram {self.vram} GiB must be > 0")
-        _check(self.quantize in QUANTIZE, f"quantize {self.quantize!r} must be one of {', '.join(QUANTIZE)}")
-        _check(self.max_seqs >= 1, f"max_seqs {self.max_seqs} must be >= 1")
+               f"--dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
+        _check(self.kv_tokens is None or self.kv_tokens >= 16, f"--kv-tokens {self.kv_tokens} must be >= 16")
+        _check(self.vram is None or self.vram > 0, f"--vram {self.vram} GiB must be > 0")
+        _check(self.quantize in QUANTIZE, f"--quantize {self.quantize!r} must be one of {', '.join(QUANTIZE)}")
+        _check(self.max_seqs >= 1, f"--max-seqs {self.max_seqs} must be >= 1")
         _check(self.max_batch_tokens >= 16, f"max_batch_tokens {self.max_batch_tokens} must be >= 16")
+        _check(self.max_seqs <= self.max_batch_tokens, f"--max-seqs {self.max_seqs} must be <= max_batch_tokens "
+               f"{self.max_batch_tokens} (every decoding sequence takes one token of a step)")
         _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")
         self.cache_dir = Path(self.cache_dir).expanduser()

@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from openclaw.config import EngineConfig, SamplingParams
-from openclaw.engine import Engine, pick_device
-from openclaw.hub import load_quantize, resolve_model
+from openclaw.engine.engine import Engine, pick_device
+from openclaw.engine.sequence import Sequence
 from openclaw.reasoning import THINK_CLOSE, ThinkSplitter, prompt_opens_thinking
-from openclaw.sequence import Sequence
 from openclaw.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from openclaw.weights.hub import load_quantize, resolve_model
 
 
 @dataclass

@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# `python -m pytest` puts the working directory on sys.path. From the repository root that makes our kernels/ and
+# models/ directories importable as the top-level packages `kernels` and `models`, and transformers probes for
+# Hugging Face's `kernels` package by that name (an ImportError on `CUDAProperties`). OpenClaw imports them only as
+# openclaw.kernels / openclaw.models, so the suite runs with the repository root off sys.path, from any directory.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+
 # Triton reads TRITON_INTERPRET when a kernel is defined, i.e. when its module is first imported: set it before any
 # test module is collected so that, without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors.
 if not torch.cuda.is_available():
@@ -56,7 +63,7 @@ def smol_tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def smol_model_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2 converted once per session into a HF model dir (what `--model SmolLM2-135M-Instruct` loads)."""
-    from openclaw.hub import resolve_model
+    from openclaw.weights.hub import resolve_model
 
     return resolve_model(str(smollm2_gguf), tmp_path_factory.mktemp("smol_cache"))
 

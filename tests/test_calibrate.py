@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import make_hf_model, quantized_copy
 
-from openclaw.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
-from openclaw.engine import Engine
+from openclaw.engine.engine import Engine
 from openclaw.errors import OpenClawError
-from openclaw.evictor import TriStats
-from openclaw.loader import load_model
+from openclaw.evict.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
+from openclaw.evict.evictor import TriStats
+from openclaw.weights.loader import load_model
 
 OMEGA = 1.0 / 1e4 ** (torch.arange(0, 24, 2).float() / 24)
 
@@ -44,7 +44,7 @@ def test_tap_sees_the_queries_after_q_norm(tmp_path):
 def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
     """A quantized model (QuantEmbedding has no .weight) calibrates, and teacher-forces for `openclaw eval`, like the
     full-precision model holding its dequantized weights."""
-    from openclaw.fidelity import forced_logprobs
+    from openclaw.eval.fidelity import forced_logprobs
 
     make_hf_model("qwen3", tmp_path / "hf")
     ref_sd = quantized_copy(tmp_path / "hf", tmp_path / "q", mixed=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_models import make_hf_model
 
-from openclaw.hub import resolve_model
+from openclaw.weights.hub import resolve_model
 
 
 def openclaw(*args, cache, timeout=300) -> subprocess.CompletedProcess:

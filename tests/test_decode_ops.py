@@ -1,24 +1,29 @@
 """kernels/decode_ops.py and kernels/decode_attention.py against their fp32 references (Triton's interpreter on the
 CPU, the real kernels on CUDA) on tiny, odd and real Qwen3-32B / SmolLM2 shapes; and the tiny Qwen3 / Llama models
-with the fused path forced on, against the plain path, through full forwards and incremental decode in the pool."""
+with every op forced onto its Triton kernel, against the same models on the references, through full forwards and
+incremental decode in the pool."""
 
+from contextlib import contextmanager
+
+import openclaw.models.layers
+import openclaw.models.qwen3
 import pytest
 import torch
 from conftest import assert_close
-from openclaw.kernels.decode_attention import decode_attention, decode_attention_ref
+from openclaw.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 from openclaw.kernels.decode_ops import (
-    add_rmsnorm,
     add_rmsnorm_ref,
-    qk_norm_rope_kv,
+    add_rmsnorm_triton,
     qk_norm_rope_kv_ref,
-    silu_mul,
+    qk_norm_rope_kv_triton,
     silu_mul_ref,
+    silu_mul_triton,
 )
 from openclaw.models.layers import BatchMeta, Rope
 from tiny_models import make_hf_model
 
-from openclaw.kv_pool import KVPool
-from openclaw.loader import load_model
+from openclaw.engine.kv_pool import KVPool
+from openclaw.weights.loader import load_model
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -56,7 +61,7 @@ def check_add_rmsnorm(T: int, N: int, dtype: torch.dtype, residual: bool, device
     x, w = randn(T, N, dtype=dtype, seed=1, device=device), 1 + 0.1 * randn(N, dtype=dtype, seed=2, device=device)
     r = randn(T, N, dtype=dtype, seed=3, device=device) if residual else None
     y, r_out = nan(T, N, dtype=dtype, device=device), nan(T, N, dtype=dtype, device=device)
-    got = add_rmsnorm(x, r, w, 1e-6, out=y, residual_out=r_out)
+    got = add_rmsnorm_triton(x, r, w, 1e-6, out=y, residual_out=r_out)
     ref = add_rmsnorm_ref(x, r, w, 1e-6)
     assert got[0] is y and (got[1] is r_out if residual else got[1] is x)
     close(got[0], ref[0], dtype)
@@ -73,7 +78,7 @@ def test_add_rmsnorm(T, N, dtype):
 def check_silu_mul(T: int, inter: int, dtype: torch.dtype, device: str = DEV) -> None:
     x = 3 * randn(T, 2 * inter, dtype=dtype, seed=4, device=device)
     out = nan(T, inter, dtype=dtype, device=device)
-    assert silu_mul(x, out=out) is out
+    assert silu_mul_triton(x, out=out) is out
     close(out, silu_mul_ref(x), dtype)
 
 
@@ -96,7 +101,7 @@ def check_qk_norm_rope_kv(T: int, H: int, Hkv: int, D: int, dtype: torch.dtype, 
     slots = torch.randperm(S, generator=torch.Generator().manual_seed(T))[:T].to(device)
     k, v, k_ref, v_ref = (nan(S, Hkv, D, dtype=dtype, device=device) for _ in range(4))
     q = nan(T, H, D, dtype=dtype, device=device)
-    qk_norm_rope_kv(qkv, qw, kw, 1e-6, cos, sin, k, v, slots, H, Hkv, D, out=q)
+    qk_norm_rope_kv_triton(qkv, qw, kw, 1e-6, cos, sin, k, v, slots, H, Hkv, D, out=q)
     q_ref = qk_norm_rope_kv_ref(qkv, qw, kw, 1e-6, cos, sin, k_ref, v_ref, slots, H, Hkv, D)
     close(q, q_ref, dtype, elementwise=dtype == torch.float32)
     close(k[slots], k_ref[slots], dtype, elementwise=dtype == torch.float32)
@@ -128,7 +133,7 @@ def check_decode_attention(H: int, Hkv: int, D: int, lens: list[int], bound: int
     base_t = torch.tensor(bases, device=device)
     len_t = torch.tensor(lens, device=device)
     out = nan(B, H, D, dtype=dtype, device=device)
-    decode_attention(q, k, v, base_t, len_t, D ** -0.5, bound, num_parts=num_parts, out=out)
+    decode_attention_triton(q, k, v, base_t, len_t, D ** -0.5, bound, num_parts=num_parts, out=out)
     assert_close(out, decode_attention_ref(q, k, v, base_t, len_t, D ** -0.5), dtype, matmul=True)
 
 
@@ -152,10 +157,39 @@ def test_decode_attention_lengths_are_read_at_run_time():
     check_decode_attention(4, 2, 16, [100, 7, 40], 300, torch.float32, num_parts=5)
 
 
-def load(path, dtype: torch.dtype, fused: bool):
-    model = load_model(path, torch.device(DEV), dtype)
-    model.fused_kernels = fused
-    return model
+@contextmanager
+def ops(fused: bool):
+    """The models' kernel ops forced onto their Triton kernels (fused; Triton's interpreter on CPU tensors) or their
+    references, whatever the device."""
+    forced = {openclaw.models.layers: {"add_rmsnorm": (add_rmsnorm_triton, add_rmsnorm_ref),
+                                       "decode_attention": (decode_attention_triton, _decode_attention_ref)},
+              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref),
+                                      "silu_mul": (silu_mul_triton, silu_mul_ref)}}
+    with pytest.MonkeyPatch.context() as mp:
+        for module, names in forced.items():
+            for name, (kernel, ref) in names.items():
+                mp.setattr(module, name, kernel if fused else ref)
+        yield
+
+
+def _decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=None):
+    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale)
+    return y if out is None else out.copy_(y)
+
+
+class Forced:
+    """A model whose forward runs under ops(fused)."""
+
+    def __init__(self, model, fused: bool):
+        self.model, self.fused, self.config = model, fused, model.config
+
+    def __call__(self, *args):
+        with ops(self.fused):
+            return self.model(*args)
+
+
+def load(path, dtype: torch.dtype, fused: bool) -> Forced:
+    return Forced(load_model(path, torch.device(DEV), dtype), fused)
 
 
 def tensor(values) -> torch.Tensor:
@@ -167,7 +201,7 @@ def through_pool(model, ids: list[int], chunks: list[int] | None = None, bucket:
     device-side slot ranges the runner sets (kv_valid, slot_base); bucket: one-token steps declare seqs' kv_len =
     bucket and the true length only in kv_valid, as a captured graph does."""
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.model.embed_tokens.weight.dtype
     pool = KVPool(cfg.num_hidden_layers, 400, cfg.num_key_value_heads, cfg.head_dim, dtype, DEV)
     base, done, got = 11, 0, []
     with torch.inference_mode():
@@ -267,10 +301,10 @@ def test_gpu_decode_attention_replays_in_a_cuda_graph():
     k, v = randn(bound + 10, Hkv, D, dtype=dtype, seed=1), randn(bound + 10, Hkv, D, dtype=dtype, seed=2)
     q = randn(1, H, D, dtype=dtype, seed=3)
     base, n = torch.tensor([10], device="cuda"), torch.tensor([bound], device="cuda")
-    decode_attention(q, k, v, base, n, D ** -0.5, bound)  # compile outside the capture
+    decode_attention_triton(q, k, v, base, n, D ** -0.5, bound)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, k, v, base, n, D ** -0.5, bound)
+        out = decode_attention_triton(q, k, v, base, n, D ** -0.5, bound)
     for length in (1, 100, 5000, 8193, bound):
         n.fill_(length)
         graph.replay()

@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from openclaw.download import MARKER, pull
 from openclaw.errors import OpenClawError
-from openclaw.hub import list_models, load_manifest
+from openclaw.weights.download import MARKER, pull
+from openclaw.weights.hub import list_models, load_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 REPO = "Qwen/Qwen3-0.6B"

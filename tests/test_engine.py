@@ -5,9 +5,9 @@ import torch
 from tiny_models import full_forward, make_hf_model
 
 from openclaw.config import EngineConfig, SamplingParams
-from openclaw.engine import Engine
-from openclaw.hub import resolve_model
-from openclaw.loader import load_model
+from openclaw.engine.engine import Engine
+from openclaw.weights.hub import resolve_model
+from openclaw.weights.loader import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
@@ -81,7 +81,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loading(smollm2_gguf, tmp_path):
 
 
 def test_generation_config_is_read_as_transformers_reads_it():
-    from openclaw.engine import sampling_defaults
+    from openclaw.engine.engine import sampling_defaults
 
     assert sampling_defaults({"eos_token_id": 2})["temperature"] == 0.0  # silent config: greedy
     qwen3 = sampling_defaults({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20})

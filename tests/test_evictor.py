@@ -4,12 +4,12 @@ deterministic ties; and the compression loop over a real pool (positions tracked
 import pytest
 import torch
 
-from openclaw.compressor import Compressor
 from openclaw.config import POLICIES, EvictionConfig, SamplingParams
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
-from openclaw.evictor import EvictInputs, TriStats, keep_indices, kept_ends, redundancy, select
-from openclaw.kv_pool import KVPool
-from openclaw.sequence import Sequence
+from openclaw.evict.compressor import Compressor
+from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices, kept_ends, redundancy, select
 
 EVICTING = [p for p in POLICIES if p != "full"]
 L, HKV, H, D = 3, 2, 6, 16
@@ -123,8 +123,8 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
     cap = cfg.budget + cfg.divide_length
     pool = KVPool(L, cap + 10, HKV, D, torch.float32, "cpu")
     comp = Compressor(cfg, pool, H, 1.0 / 1e4 ** (torch.arange(0, D, 2).float() / D))
-    seq = Sequence(list(range(7)), SamplingParams(max_tokens=1000), max_len=10_000)
-    comp.slots_for(seq)
+    seq = Sequence(list(range(7)), SamplingParams(max_tokens=1000), max_len=10_000, kv_budget=cfg.budget,
+                   divide_length=cfg.divide_length)
     seq.slot_base, seq.capacity = 10, seq.slots_needed()
     assert seq.capacity == cap
     g = torch.Generator().manual_seed(0)
@@ -142,7 +142,9 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
                 tap(q, q)
         seq.num_computed += n
         seq.kv_len += n
-        comp.after_step([(seq, n)])
+        if comp.due(seq):
+            comp.evict(seq)
+            seq.kv_len = seq.kv_budget  # what Scheduler.compacted records
         assert seq.kv_len < cap
     assert comp.evictions >= 3
     held = pool.v[:, seq.slot_base:seq.slot_base + seq.kv_len, :, 0]  # [L, kv_len, Hkv] positions

@@ -5,13 +5,13 @@ import pytest
 import torch
 from tiny_models import make_hf_model
 
-from openclaw.calibrate import calibrate
 from openclaw.config import POLICIES, EngineConfig, EvictionConfig, SamplingParams
-from openclaw.engine import Engine
+from openclaw.engine.engine import Engine
 from openclaw.errors import OpenClawError
-from openclaw.fidelity import evaluate, forced_logprobs, standard_runs, text_windows
-from openclaw.loader import load_model
-from openclaw.needle import build_cases
+from openclaw.eval.fidelity import evaluate, forced_logprobs, standard_runs, text_windows
+from openclaw.eval.needle import build_cases
+from openclaw.evict.calibrate import calibrate
+from openclaw.weights.loader import load_model
 
 EVICTING = [p for p in POLICIES if p != "full"]
 GREEDY = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from openclaw.errors import OpenClawError
-from openclaw.gguf_import import _unpermute, import_gguf
+from openclaw.weights.gguf_import import _unpermute, import_gguf
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from openclaw.errors import OpenClawError
-from openclaw.hub import fetch_pypi_file, list_models, load_manifest, load_quantize, resolve_model
+from openclaw.weights.hub import fetch_pypi_file, list_models, load_manifest, load_quantize, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from openclaw.kernels.kv_compact import kv_compact, kv_compact_ref
+from openclaw.kernels.kv_compact import kv_compact_ref, kv_compact_triton
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                   reason="Triton needs CUDA or TRITON_INTERPRET=1")
@@ -46,7 +46,7 @@ def test_kernel_matches_reference(shape, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     k, v, keep = case(*shape, dtype=dtype, device=device)
     want_k, want_v = expected(k, shape[4], keep), expected(v, shape[4], keep)
-    kv_compact(k, v, shape[4], keep)
+    kv_compact_triton(k, v, shape[4], keep)
     assert torch.equal(k, want_k) and torch.equal(v, want_v)  # a copy: bit-exact, and nothing else touched
 
 
@@ -57,7 +57,7 @@ def test_kernel_handles_keep_everything_and_keep_the_tail():
         k, v, _ = case(2, 128, 3, 16, 9, 100, 40)
         keep = keep_row.expand(2, 3, -1).contiguous()
         want = expected(k, 9, keep)
-        kv_compact(k, v, 9, keep)
+        kv_compact_triton(k, v, 9, keep)
         assert torch.equal(k, want)
 
 
@@ -66,6 +66,6 @@ def test_kernel_handles_keep_everything_and_keep_the_tail():
 def test_kernel_on_gpu_at_qwen3_32b_shapes():
     k, v, keep = case(64, 4500, 8, 128, 2176, 2176, 2048, dtype=torch.bfloat16, device="cuda")
     k2, v2 = k.clone(), v.clone()
-    kv_compact(k, v, 2176, keep)
+    kv_compact_triton(k, v, 2176, keep)
     kv_compact_ref(k2, v2, 2176, keep)
     assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -16,9 +16,9 @@ from openclaw.kernels.qlinear import (
     dequantize,
     pack_codes,
     qgemv,
-    qlinear,
-    qlinear_parts,
+    qlinear_parts_triton,
     qlinear_ref,
+    qlinear_triton,
     quantize_rtn,
 )
 from openclaw.models.layers import QuantLinear
@@ -55,7 +55,7 @@ def check(qw: QuantWeight, m: int, dtype=torch.float32, bias: bool = False) -> N
         out = torch.full((m, qw.shape[0]), float("nan"), dtype=dtype, device=DEV)
         qgemv(x, qw, b, out=out)
         assert_close(out, ref, dtype, matmul=True)
-    assert_close(qlinear(x, qw, b), ref, dtype, matmul=True)
+    assert_close(qlinear_triton(x, qw, b), ref, dtype, matmul=True)
 
 
 # (bits, group, offsets, lut, zero): zero codes as the symmetric GGUF types have them (Q4_0 8, Q6_K 32, Q8_0 128),
@@ -173,7 +173,7 @@ def test_gate_up_with_silu_in_the_epilogue(m, bias):
     w = tiled(ql.interleave_gate_up(qw))
     bi = None if b is None else b[ql.gate_up_order(96, DEV)]  # the bias in the weight's row order
     assert_close(qgemv(x, w, bi, silu=True), silu_mul(x), torch.bfloat16, matmul=True)
-    close_after_rounding(ql.silu_mul_interleaved(qlinear(x, w, bi)), silu_mul(x))
+    close_after_rounding(ql.silu_mul_interleaved(qlinear_triton(x, w, bi)), silu_mul(x))
     lin = QuantLinear(384, 96, bias)
     lin.qweight, lin.interleaved = w, True
     if bias:
@@ -195,7 +195,7 @@ def test_tiled_weight_round_trips_and_serves_every_path():
     x = torch.randn(2, 384, generator=torch.Generator().manual_seed(0)).to(DEV)
     assert_close(qgemv(x, t), qlinear_ref(x, qw), torch.float32, matmul=True)
     xp = torch.randn(40, 384, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
-    assert_close(qlinear(xp, t), qlinear_ref(xp, qw), torch.bfloat16, matmul=True)
+    assert_close(qlinear_triton(xp, t), qlinear_ref(xp, qw), torch.bfloat16, matmul=True)
     assert torch.equal(t.rows(torch.tensor([3, 40], device=DEV), torch.float32), qw.dequantize()[[3, 40]])
     assert ql.tile(random_weight(48, 384, 8, 128, True, False)).tiled is False
     assert ql.tile(random_weight(40, 384, 4, 128, True, False)).tiled is False  # N % 16 != 0
@@ -292,7 +292,7 @@ def test_weights_kept_in_parts_equal_their_stack():
         g = torch.Generator().manual_seed(len(shape) + shape[0])
         x = torch.randn(*shape, 96, generator=g).to(DEV)
         b = torch.randn(15, generator=g).to(DEV)
-        assert_close(qlinear_parts(x, parts, b), x @ w.T + b, torch.float32, matmul=True)
+        assert_close(qlinear_parts_triton(x, parts, b), x @ w.T + b, torch.float32, matmul=True)
     layer = QuantLinear(96, 15, bias=True)
     layer.qweight, layer.bias = [p.to("cpu") for p in parts], torch.nn.Parameter(b.cpu())
     assert [p.layout for p in layer.parts] == [p.layout for p in parts]

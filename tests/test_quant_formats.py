@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 from tiny_models import full_forward, make_hf_model
 
 from openclaw.errors import OpenClawError
-from openclaw.loader import load_model, rtn_group
-from openclaw.quant_formats import (
+from openclaw.weights.formats import (
     NF4_CODE,
     awq_to_quant,
     bnb_state,
@@ -23,6 +22,8 @@ from openclaw.quant_formats import (
     nf4_codes,
     quantize_nf4,
 )
+from openclaw.weights.layout import rtn_group
+from openclaw.weights.loader import load_model
 
 # K a multiple of 128 (AWQ's group) everywhere: hidden 128, o_proj 4 x 32, down_proj 256
 SHAPES = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}

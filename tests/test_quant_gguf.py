@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 import torch
 from openclaw.kernels.qlinear import QuantWeight
+from openclaw.models import FAMILIES
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import full_forward
 
+from openclaw.engine.memory import GIB, loaded_bytes, plan_model
 from openclaw.errors import OpenClawError
-from openclaw.gguf_import import import_gguf
-from openclaw.loader import _internal_tensors, load_model, save_quantized
-from openclaw.memory import GIB, loaded_bytes, plan_model
-from openclaw.quant_formats import iter_quantized
-from openclaw.quant_gguf import REPACKED, gguf_to_quant, iter_gguf
-from openclaw.weight_size import Layout, checkpoint_weight_bytes, quantized_weight_bytes
+from openclaw.weights.formats import iter_quantized
+from openclaw.weights.gguf_blocks import REPACKED, gguf_to_quant, iter_gguf
+from openclaw.weights.gguf_import import import_gguf
+from openclaw.weights.layout import Layout
+from openclaw.weights.loader import _internal_tensors, load_model, save_quantized
+from openclaw.weights.sizes import checkpoint_weight_bytes, quantized_weight_bytes
 
 Q = gguf.GGMLQuantizationType
 H, HEADS, KV, D, INTER, LAYERS = 256, 4, 2, 64, 512, 2  # K-quant rows need K a multiple of 256
@@ -309,16 +311,16 @@ def test_qwen3_32b_q4_k_m_weight_bytes_by_hand():
     bits = (v * h * 5 + v * h * 9 + six * ((q + kv) * 5 + kv * 9 + o * 5 + 2 * mlp * 5 + mlp * 9)
             + (64 - six) * ((q + 2 * kv) * 5 + o * 5 + 3 * mlp * 5))
     norms = 2 * (h + 64 * (2 * h + 256))
-    assert quantized_weight_bytes(tensors, 2, False) == bits // 8 + norms == 23_047_251_968
+    assert quantized_weight_bytes(tensors, 2, False, FAMILIES["qwen3"]) == bits // 8 + norms == 23_047_251_968
 
 
 def test_qwen3_32b_q4_k_m_gguf_plan_fits_24_gib_for_one_budget_2048_sequence(tmp_path, monkeypatch):
     """`openclaw plan Qwen3-32B-Q4_K_M.gguf --vram 24 --kv-budget 2048`, the header read replaced by its real tensor
     types: 21.46 GiB of weights leave 3,269 KV tokens (256 KiB each), one sequence of budget 2048 + 128; at --vram 22
     the refusal names the numbers, the GGUF repacking's bits per weight and the AWQ model that fits."""
-    import openclaw.quant_gguf
+    import openclaw.weights.gguf_blocks
 
-    monkeypatch.setattr(openclaw.quant_gguf, "gguf_tensor_layouts",
+    monkeypatch.setattr(openclaw.weights.gguf_blocks, "gguf_tensor_layouts",
                         lambda path: (dict(QWEN3_32B), q4_k_m_tensors(QWEN3_32B)))
     path = tmp_path / "Qwen3-32B-Q4_K_M.gguf"
     path.touch()

@@ -1,4 +1,4 @@
-"""Quantized checkpoints through the loader and the engine, and the VRAM plan (openclaw/memory.py): planned weight
+"""Quantized checkpoints through the loader and the engine, and the VRAM plan (openclaw/engine/memory.py): planned weight
 bytes equal what the loader allocates, a model that does not fit is refused with the numbers, and (on CUDA) the
 batch-1 decode CUDA graphs give the eager path's tokens under the cap."""
 
@@ -12,10 +12,11 @@ from safetensors.torch import save_file
 from tiny_models import full_forward, make_hf_model, quantized_copy
 
 from openclaw.config import EngineConfig, SamplingParams
+from openclaw.engine.memory import GIB, loaded_bytes, plan, plan_model
 from openclaw.errors import OpenClawError
-from openclaw.loader import load_model
-from openclaw.memory import GIB, loaded_bytes, plan, plan_model
-from openclaw.weight_size import checkpoint_weight_bytes, weight_bytes
+from openclaw.weights.checkpoint import parse_config
+from openclaw.weights.loader import load_model
+from openclaw.weights.sizes import checkpoint_weight_bytes, weight_bytes
 
 CUDA = torch.cuda.is_available()
 
@@ -43,9 +44,9 @@ def test_planned_weight_bytes_equal_allocated(tied, tmp_path):
     allocated = loaded_bytes(model)
     assert abs(checkpoint_weight_bytes(tmp_path / "q", 2) / allocated - 1) < 0.03
     # the config-only estimate (group 32, offsets: what the checkpoint holds) matches too
-    from openclaw.weight_size import Layout
+    from openclaw.weights.layout import Layout
 
-    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg = parse_config(json.loads((tmp_path / "q" / "config.json").read_text()))[1]
     assert abs(weight_bytes(cfg, 2, Layout(4, 32, True, False)) / allocated - 1) < 0.03
     # and unquantized, in the model dtype
     hf = load_model(tmp_path / "hf", torch.device("cpu"), torch.bfloat16)
@@ -66,7 +67,7 @@ def test_qwen3_32b_plan_numbers():
 def test_budget_that_does_not_fit_names_the_largest_that_does():
     cfg = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}
-    p = plan(cfg, weights=0, cap=2 * GIB, context=0, kv_budget=10**9)
+    p = plan(parse_config(cfg)[1], weights=0, cap=2 * GIB, context=0, kv_budget=10**9)
     with pytest.raises(OpenClawError, match="--kv-budget of at most"):
         p.require("tiny")
 
@@ -97,7 +98,7 @@ def test_shape_mismatch_and_unknown_method_are_one_line_errors(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_engine_graph_decode_equals_eager_under_the_cap(tmp_path):
-    from openclaw.engine import Engine
+    from openclaw.engine.engine import Engine
 
     make_hf_model("qwen3", tmp_path / "hf")
     quantized_copy(tmp_path / "hf", tmp_path / "q", group=32, mixed=True)
@@ -185,7 +186,7 @@ def test_nf4_plan_equals_what_nf4_at_load_allocates(tmp_path):
 
 def test_engine_quantizes_to_nf4_at_load_when_asked(tmp_path):
     """--quantize nf4 reaches the loader (on the CPU too, where auto means none)."""
-    from openclaw.engine import Engine
+    from openclaw.engine.engine import Engine
 
     make_hf_model("qwen3", tmp_path, hidden_size=128)
     config = EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", kv_tokens=256)
@@ -206,7 +207,7 @@ def test_engine_quantizes_to_nf4_at_load_when_asked(tmp_path):
 
 def test_loading_reports_progress_over_every_weight(tmp_path):
     """The loading bar counts the model's weights (fused parts separately) up to all of them, per format."""
-    from openclaw.loader import load_model
+    from openclaw.weights.loader import load_model
 
     make_hf_model("qwen3", tmp_path / "hf")
     quantized_copy(tmp_path / "hf", tmp_path / "q", group=32, mixed=True)

@@ -7,8 +7,8 @@ import torch
 from openclaw.models.layers import BatchMeta
 from tiny_models import full_forward, make_hf_model
 
-from openclaw.kv_pool import KVPool
-from openclaw.loader import load_model
+from openclaw.engine.kv_pool import KVPool
+from openclaw.weights.loader import load_model
 
 VARIANTS = {
     "qwen3": ("qwen3", {}),

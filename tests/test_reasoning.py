@@ -6,11 +6,11 @@ import json
 import pytest
 
 from openclaw.config import SamplingParams
+from openclaw.engine.sequence import Sequence
 from openclaw.llm import Delta
-from openclaw.openai_api import Reply
 from openclaw.reasoning import ThinkSplitter, prompt_opens_thinking
-from openclaw.sequence import Sequence
-from openclaw.tool_calls import ToolCallSplitter, parse_tool_calls
+from openclaw.server.openai_api import Reply
+from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls
 
 
 def split(chunks: list[str], thinking: bool = False) -> tuple[str, str]:

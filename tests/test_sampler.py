@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from openclaw.config import SamplingParams
-from openclaw.sampler import filter_logits, sample
+from openclaw.engine.sampler import filter_logits, sample
 
 lp = pytest.importorskip("transformers.generation.logits_process")
 
@@ -76,7 +76,7 @@ def test_repetition_penalty_matches_hf(penalty):
 
 
 def test_repetition_penalty_logits_match_hf():
-    from openclaw.sampler import apply_repetition_penalty
+    from openclaw.engine.sampler import apply_repetition_penalty
 
     logits = _logits(2, 64, seed=3)
     histories = [[1, 2, 2, 63, 10, 70], [0, 5, 6]]  # 70: past the lm_head, ignored as HF does

@@ -3,9 +3,9 @@
 import random
 
 from openclaw.config import SamplingParams
-from openclaw.kv_pool import SlotAllocator
-from openclaw.scheduler import Scheduler
-from openclaw.sequence import Sequence, Status
+from openclaw.engine.kv_pool import SlotAllocator
+from openclaw.engine.scheduler import Scheduler
+from openclaw.engine.sequence import Sequence, Status
 
 
 def test_allocator_never_loses_or_doubles_slots():

@@ -15,8 +15,8 @@ import pytest
 
 from openclaw.config import EngineConfig
 from openclaw.llm import LLM
-from openclaw.openai_api import Api
-from openclaw.server import make_server
+from openclaw.server.openai_api import Api
+from openclaw.server.server import make_server
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow

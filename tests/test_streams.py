@@ -3,7 +3,7 @@
 import pytest
 
 from openclaw.config import EngineConfig, SamplingParams
-from openclaw.engine import Engine
+from openclaw.engine.engine import Engine
 from openclaw.llm import LLM, Request
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,10 @@ import pytest
 import torch
 from openclaw.kernels.tri_score import (
     expected_query,
-    tri_score,
     tri_score_prerope_series,
     tri_score_ref,
     tri_score_series,
+    tri_score_triton,
 )
 from openclaw.models.layers import Rope, apply_rope
 
@@ -37,7 +37,7 @@ def test_kernel_matches_reference(shape, terms):
     keys, mu_re, mu_im, a, omega = make(*shape, device=device)
     L, n, _, H, _ = shape
     out = torch.full((L, H, n), float("nan"), device=device)  # lanes the kernel misses stay NaN and fail
-    got = tri_score(keys, mu_re, mu_im, a, omega, t=777, terms=terms, out=out)
+    got = tri_score_triton(keys, mu_re, mu_im, a, omega, t=777, terms=terms, out=out)
     ref = tri_score_ref(keys, mu_re, mu_im, a, omega, t=777, terms=terms)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
@@ -50,7 +50,7 @@ def test_kernel_reads_half_precision_pool_views():
     pool[:, 40:240] = keys.bfloat16()
     view = pool[:, 40:240]
     ref = tri_score_ref(view.float(), mu_re, mu_im, a, omega, t=5000)
-    torch.testing.assert_close(tri_score(view, mu_re, mu_im, a, omega, t=5000), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(tri_score_triton(view, mu_re, mu_im, a, omega, t=5000), ref, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("D", [8, 64, 128])
@@ -84,7 +84,7 @@ def test_kernel_on_gpu_at_qwen3_32b_shapes():
     keys, mu_re, mu_im, a, omega = make(64, 2176, 8, 64, 128, device="cuda")
     pool = keys.bfloat16()
     out = torch.full((64, 64, 2176), float("nan"), device="cuda")
-    got = tri_score(pool, mu_re, mu_im, a, omega, t=30000, out=out)
+    got = tri_score_triton(pool, mu_re, mu_im, a, omega, t=30000, out=out)
     ref = tri_score_series(pool[:4].float(), mu_re[:4], mu_im[:4], a[:4], omega, t=30000)
     assert not got.isnan().any()
     torch.testing.assert_close(got[:4], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -9,9 +9,9 @@ from openclaw.kernels.qlinear import quantize_rtn
 from openclaw.models.layers import BatchMeta
 from safetensors.torch import load_file
 
-from openclaw.kv_pool import KVPool
-from openclaw.loader import save_quantized
-from openclaw.weight_size import eight_bit
+from openclaw.engine.kv_pool import KVPool
+from openclaw.weights.layout import eight_bit
+from openclaw.weights.loader import save_quantized
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6}

@@ -24,7 +24,7 @@ class Sequence:
     params: SamplingParams
     max_len: int  # prompt + generated tokens at most (the model's or the user's cap)
     seq_id: int = field(default_factory=lambda: next(_ids))
-    prompt_len: int = 0
+    prompt_len: int | None = None  # tokens that count as the prompt (pinned when evicting); None: all of token_ids
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V have been computed: the next token's absolute position
     kv_len: int = 0  # pool slots in use (equals num_computed until something is evicted)
@@ -35,7 +35,8 @@ class Sequence:
     divide_length: int = 128  # with eviction: compress when the cache reaches kv_budget + divide_length
 
     def __post_init__(self) -> None:
-        self.prompt_len = self.prompt_len or len(self.token_ids)
+        if self.prompt_len is None:
+            self.prompt_len = len(self.token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -56,5 +57,5 @@ class Sequence:
 
     def slots_needed(self) -> int:
         """Pool slots this sequence must own: its whole length, or budget + divide_length when it evicts."""
-        length = min(self.max_len, self.prompt_len + self.params.max_tokens)
+        length = min(self.max_len, self.num_tokens + self.params.max_tokens)
         return length if self.kv_budget is None else min(length, self.kv_budget + self.divide_length)

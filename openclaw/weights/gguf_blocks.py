@@ -4,7 +4,7 @@ Q4_0, Q4_1 and Q4_K go to 4-bit codes, Q5_0, Q6_K and Q8_0 to 8-bit codes; group
 32, or 16 for Q6_K. Codes are copied exactly; scales and offsets are float16: exact for Q4_0/Q4_1/Q5_0/Q8_0
 (d and m are float16 already), one rounding of the sub-block products d * sc and dmin * m for Q4_K and Q6_K.
 The symmetric types (w = d * (q - z): Q4_0, Q5_0, Q6_K, Q8_0) keep no offsets, only their zero code z.
-It does not read metadata or tokenizers (openclaw.gguf_import does).
+It does not read metadata or tokenizers (openclaw.weights.gguf_import does).
 """
 
 from collections.abc import Iterator
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from openclaw.errors import OpenClawError
-from openclaw.gguf_import import ARCHITECTURES, _config, _field, _open, _tensor_plan, _unpermute
 from openclaw.kernels.qlinear import QuantWeight
-from openclaw.weight_size import Layout
+from openclaw.weights.gguf_import import _config, _open, _tensor_plan, _unpermute, architecture
+from openclaw.weights.layout import Layout
 
 Q = gguf.GGMLQuantizationType
 # GGUF type -> our layout: bits of the container, group, offsets (asymmetric types), zero code (symmetric ones)
@@ -31,10 +31,7 @@ def _open_supported(path: Path, missing_hint: str = "") -> tuple[object, str]:
     if not path.is_file():
         raise OpenClawError(f"GGUF file {path} does not exist {missing_hint}".rstrip())
     reader = _open(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}.")
-    return reader, arch
+    return reader, architecture(reader, path)
 
 
 def iter_gguf(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:

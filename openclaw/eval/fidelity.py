@@ -1,7 +1,8 @@
 """Eviction fidelity on real text: chunked teacher forcing against full attention (DESIGN.md, "How quality ...").
 
 Each window of the text runs once with full attention and once per eviction setting, in chunks of divide_length
-tokens at absolute positions, compressing after each chunk exactly as the engine does (openclaw.compressor). On
+tokens at absolute positions, through the engine's own scheduler, runner and compressor (so on a GPU it measures the
+attention path the engine runs), compressing after each chunk exactly as the engine does. On
 the scored positions we compare next-token distributions: mean KL(full || evicted), top-1 agreement, and the
 perplexity of both on the true next tokens. The text counts as a generated trace: nothing is pinned unless
 prompt_len says so. It does not sample or detokenize; the CLI prints the rows.
@@ -13,12 +14,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from openclaw.compressor import Compressor
 from openclaw.config import EvictionConfig, SamplingParams
-from openclaw.evictor import TriStats
-from openclaw.kv_pool import KVPool
-from openclaw.models.layers import BatchMeta
-from openclaw.sequence import Sequence
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.runner import Runner
+from openclaw.engine.scheduler import Scheduler
+from openclaw.engine.sequence import Sequence
+from openclaw.evict.compressor import Compressor
+from openclaw.evict.evictor import TriStats
 
 
 @dataclass
@@ -57,26 +59,24 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
     mc = model.config
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
-    cap = min(len(ids), cfg.budget + cfg.divide_length) if cfg.evicts else len(ids)
-    pool = KVPool(mc.num_hidden_layers, cap, mc.num_key_value_heads, mc.head_dim, dtype, device)
+    seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids), prompt_len=prompt_len,
+                   kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length)
+    pool = KVPool(mc.num_hidden_layers, seq.slots_needed(), mc.num_key_value_heads, mc.head_dim, dtype, device)
     comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
-    seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids) + 1)
-    seq.prompt_len, seq.slot_base, seq.capacity = prompt_len, 0, cap
-    comp.slots_for(seq)
+    runner = Runner(model, pool, device, cuda_graphs=False)
+    scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
+    scheduler.add(seq)
     out = []
     while seq.num_computed < len(ids):
-        s, kv = seq.num_computed, seq.kv_len
-        n = min(chunk, len(ids) - s, cap - kv)
+        batch = scheduler.schedule()
+        s, n = seq.num_computed, batch[0][1]
         rows = [p - s for p in range(s, s + n) if start <= p < len(ids) - 1]
-        meta = BatchMeta(slot_mapping=torch.arange(kv, kv + n, device=device), seqs=[(0, n, 0, kv + n)],
-                         sample_idx=torch.tensor(rows, dtype=torch.long, device=device),
-                         query_tap=comp.tap([(seq, n)]))
-        logits = model(torch.tensor(ids[s:s + n], device=device), torch.arange(s, s + n, device=device), meta,
-                       pool.k, pool.v)
+        logits, _ = runner.step(batch, comp.tap(batch), rows=rows)
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-        seq.num_computed += n
-        seq.kv_len += n
-        comp.after_step([(seq, n)])
+        scheduler.advance(batch)
+        if comp.due(seq):
+            comp.evict(seq)
+            scheduler.compacted(seq, seq.kv_budget)
     return torch.cat(out), comp.evictions
 
 

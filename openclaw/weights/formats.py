@@ -1,8 +1,8 @@
 """Quantized checkpoint formats -> the internal layout (openclaw.kernels.qlinear.QuantWeight), one tensor at a time.
 
 Reads AWQ int4 (GEMM packing) and pre-quantized bitsandbytes 4-bit (nf4/fp4, double-quantized or not) safetensors,
-and quantizes unquantized fp16/bf16/fp32 checkpoints to NF4 at load; GGUF blocks are openclaw.quant_gguf's.
-It does not build models or fuse q/k/v and gate/up (openclaw.loader does), and it never holds more than one
+and quantizes unquantized fp16/bf16/fp32 checkpoints to NF4 at load; GGUF blocks are openclaw.weights.gguf_blocks's.
+It does not build models or fuse q/k/v and gate/up (openclaw.weights.loader does), and it never holds more than one
 checkpoint weight (with its scales) besides what it has yielded.
 """
 
@@ -16,8 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight
-from openclaw.loader import quant_method, read_json, shard_files
-from openclaw.quant_gguf import iter_gguf
+from openclaw.weights.checkpoint import awq_group, detect_format, shard_files
+from openclaw.weights.gguf_blocks import iter_gguf
 
 # bitsandbytes' NF4 code (bitsandbytes.functional.get_4bit_type("nf4")): quantiles of N(0, 1) scaled to [-1, 1]
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -32,38 +32,13 @@ _BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _CHUNK_ROWS = 4096  # rows converted at a time, so fp32/int32 temporaries stay a fraction of one weight
 
 
-def detect_format(model_dir: Path, raw: dict | None = None) -> str:
-    """The checkpoint's weight format: "unquantized" (fp16/bf16/fp32 safetensors; NF4 at load if asked), "awq",
-    "bitsandbytes", "gguf" (a directory openclaw.gguf_import made with quantized=True) or "openclaw" (our own
-    layout, read by the loader). Unknown or unsupported quantization_config settings raise OpenClawError."""
-    raw = read_json(Path(model_dir) / "config.json") if raw is None else raw
-    method = quant_method(raw)
-    if method is None:
-        return "unquantized"
-    qc = raw["quantization_config"]
-    if method == "awq":
-        _awq_settings(model_dir, qc)
-    elif method == "bitsandbytes":
-        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-            raise OpenClawError(f"{model_dir}: 8-bit bitsandbytes (LLM.int8) checkpoints are not supported; use a "
-                                "4-bit one (load_in_4bit) or the unquantized checkpoint, which is quantized at load")
-        if qc.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
-            raise OpenClawError(f"{model_dir}: quantization_config.bnb_4bit_quant_type "
-                                f"{qc['bnb_4bit_quant_type']!r} is unknown; expected nf4 or fp4")
-    elif method not in ("gguf", "openclaw"):
-        raise OpenClawError(
-            f"{model_dir}: quantization_config.quant_method {method!r} is not supported; supported are awq (4-bit "
-            "GEMM), bitsandbytes (4-bit) and GGUF files, or use the unquantized checkpoint (quantized to NF4 at load)")
-    return method
-
-
 def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu",
                    nf4: bool = False) -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
     """Every tensor of the checkpoint in `model_dir` (config `raw`) by its checkpoint (HF) name, on `device`, one at
     a time: linear weights the format quantizes as QuantWeight [out, in], everything else (norms, biases,
     embeddings, lm_head, modules the format left unquantized) as the plain tensor in its stored dtype.
 
-    The loader's hook (openclaw.loader.checkpoint_tensors). Names are unfused (q_proj, k_proj, ...): the loader
+    What openclaw.weights.loader.checkpoint_tensors reads quantized checkpoints through. Names are unfused (q_proj, k_proj, ...): the loader
     stacks parts of one layout with concat_rows. AWQ and bitsandbytes parts of one layer always share it; GGUF parts
     may not (Q4_K_M keeps some attn_v / ffn_down in Q6_K), and those stay separate weights of one QuantLinear.
     `nf4=True` quantizes an unquantized checkpoint's decoder-layer linear weights to NF4 (bitsandbytes' layout,
@@ -75,7 +50,7 @@ def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu
         yield from iter_gguf(Path(model_dir) / raw["quantization_config"].get("gguf_file", "model.gguf"), device)
         return
     if fmt == "openclaw":
-        raise OpenClawError(f"{model_dir} is in OpenClaw's own layout, which openclaw.loader reads itself")
+        raise OpenClawError(f"{model_dir} is in OpenClaw's own layout, which openclaw.weights.loader reads itself")
     with _Shards(Path(model_dir)) as shards:
         if fmt == "awq":
             yield from _iter_awq(shards, raw["quantization_config"], torch.device(device))
@@ -136,24 +111,9 @@ def _scales_f16(s: torch.Tensor, name: str) -> torch.Tensor:
     return s16.contiguous()
 
 
-def _awq_settings(model_dir: Path, qc: dict) -> int:
-    """The group size, after refusing AWQ variants whose packing or math differ from GEMM int4 with zero points."""
-    bits = qc.get("bits", qc.get("w_bit"))
-    group = qc.get("group_size", qc.get("q_group_size"))
-    version = str(qc.get("version", "gemm")).lower()
-    gemm = "'gemm' (GEMV, Marlin and ExLlama pack the same weights differently)"
-    for ok, field, value, want in [(bits == 4, "bits", bits, "4"), (version == "gemm", "version", version, gemm),
-                                   (qc.get("zero_point", True) is True, "zero_point", qc.get("zero_point"), "true"),
-                                   (isinstance(group, int) and group > 0, "group_size", group, "a positive int")]:
-        if not ok:
-            raise OpenClawError(f"{model_dir}: AWQ quantization_config.{field} is {value!r}; OpenClaw reads only "
-                                f"{field} = {want}. Use the official *-AWQ checkpoint or the unquantized one")
-    return group
-
-
 def _iter_awq(shards: _Shards, qc: dict, device: torch.device) -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
     """AutoAWQ's WQLinear_GEMM tensors: qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales fp16 [K/G, N]."""
-    group = _awq_settings(shards.model_dir, qc)
+    group = awq_group(shards.model_dir, qc)
     bases = {n[: -len(".qweight")] for n in shards.names if n.endswith(".qweight")}
     for name in shards.names:
         base, _, part = name.rpartition(".")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from openclaw.config import SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
-from openclaw.tool_calls import ToolCallSplitter, parse_tool_calls
+from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -93,18 +93,16 @@ def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
             temperature=_number(body, "temperature", float, 0, 2), top_p=_number(body, "top_p", float),
             top_k=_number(body, "top_k", int), min_p=_number(body, "min_p", float),
             repetition_penalty=_number(body, "repetition_penalty", float), seed=_number(body, "seed", int),
-            max_tokens=max_tokens or _default_max_tokens(api, prompt_tokens, room), stop=stop,
+            max_tokens=max_tokens or _default_max_tokens(api, prompt_tokens), stop=stop,
         )
     except OpenClawError as e:
         raise ApiError(400, str(e)) from None
 
 
-def _default_max_tokens(api: Api, prompt_tokens: int, room: int) -> int:
-    """--max-tokens, capped by the context left and, without eviction, by the KV pool (a request that gives no
-    max_tokens should not be refused for a limit it never asked for)."""
-    engine = api.llm.engine
-    pool_room = room if engine.config.evict.evicts else engine.pool.num_slots - prompt_tokens
-    return max(1, min(api.max_tokens, room, pool_room))
+def _default_max_tokens(api: Api, prompt_tokens: int) -> int:
+    """--max-tokens, capped by what the context and the KV pool leave (Engine.max_new_tokens): a request that gives
+    no max_tokens should not be refused for a limit it never asked for."""
+    return max(1, min(api.max_tokens, api.llm.engine.max_new_tokens(prompt_tokens)))
 
 
 def _text_content(content, where: str) -> str | None:

@@ -3,8 +3,9 @@
 The model is built on the meta device and materialized once at its final dtype/device; checkpoint tensors
 are then read one at a time and copied in, so memory never holds two copies of the weights. Quantized
 checkpoints become QuantLinear layers: our own layout is read here (save_quantized writes it), other formats
-(AWQ, bitsandbytes, GGUF) arrive converted from openclaw.quant_formats.iter_quantized.
-It does not find or download models (openclaw.hub) or convert GGUF files (openclaw.gguf_import).
+(AWQ, bitsandbytes, GGUF) arrive converted from openclaw.weights.formats.iter_quantized.
+It does not find or download models (openclaw.weights.hub), convert GGUF files (openclaw.weights.gguf_import) or
+decide whether the weights fit (the engine asks openclaw.engine.memory first and passes what it decided).
 """
 
 import json
@@ -12,96 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight, concat_rows, interleave_gate_up, quantize_rtn, tile, tiles
-from openclaw.models import qwen3
 from openclaw.models.layers import QuantEmbedding, QuantLinear
-from openclaw.weight_size import rtn_group
-
-# config.json model_type -> the family file that defines it
-FAMILIES = {arch: qwen3 for arch in qwen3.ARCHITECTURES}
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OpenClawError(f"{path} is missing: a model directory needs config.json and its safetensors files")
-    except json.JSONDecodeError as e:
-        raise OpenClawError(f"{path} is not valid JSON ({e}); re-download or re-convert the model")
-
-
-def read_config(model_dir: Path) -> tuple[object, dict]:
-    """(family module, raw config dict); refuses architectures we have no definition for."""
-    cfg = read_json(Path(model_dir) / "config.json")
-    model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
-        archs = ", ".join(cfg.get("architectures") or []) or "?"
-        raise OpenClawError(
-            f"{model_dir}: architecture {model_type!r} ({archs}) is not supported; "
-            f"supported model types: {', '.join(sorted(FAMILIES))}")
-    if cfg.get("mlp_bias"):
-        raise OpenClawError(f"{model_dir}: Llama checkpoints with mlp_bias are not supported")
-    return FAMILIES[model_type], cfg
-
-
-def generation_defaults(model_dir: Path) -> dict:
-    """The checkpoint's generation_config.json (sampling defaults, eos ids), or {} when it has none."""
-    path = Path(model_dir) / "generation_config.json"
-    return read_json(path) if path.exists() else {}
-
-
-def shard_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(read_json(index)["weight_map"].values()))
-        files = [model_dir / n for n in names]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise OpenClawError(
-                f"{model_dir}: shard(s) {', '.join(missing)} listed in model.safetensors.index.json are missing; "
-                "finish the download (openclaw pull) or copy them in")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise OpenClawError(f"{model_dir} has no *.safetensors weights")
-    return files
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA; float16 on the CPU, where this torch's fp16 GEMV reads weights ~1.8x faster than
-    bf16 and keeps more mantissa (bench/cpu_decode.py: fp16 greedy matches fp32 token for token, bf16 does not).
-    The engine refuses to go on if fp16 overflows (non-finite logits) and names the fix."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float16
-    return getattr(torch, name)
-
-
-def quant_method(raw: dict) -> str | None:
-    """The checkpoint's quantization method (config.json quantization_config.quant_method), None when unquantized."""
-    qc = raw.get("quantization_config")
-    return None if not qc else str(qc.get("quant_method", "?")).lower()
-
-
-def _safetensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor, dict]]:
-    """(file, tensor name, tensor, file metadata) for every tensor of every shard, one tensor in memory at a time."""
-    for path in shard_files(model_dir):
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise OpenClawError(f"{path} is unreadable or truncated ({e}); delete it and download it again")
-        with f:
-            meta = f.metadata() or {}
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                try:
-                    tensor = f.get_tensor(name)
-                except (SafetensorError, OSError) as e:
-                    raise OpenClawError(f"{path} is truncated or corrupt at tensor {name} ({e}); download it again")
-                yield path, name, tensor, meta
-
+from openclaw.weights.checkpoint import iter_safetensors, quant_method, read_config
+from openclaw.weights.formats import iter_quantized
+from openclaw.weights.layout import rtn_group
 
 _QPARTS = ("qweight", "scales", "offsets", "lut")
 
@@ -111,7 +30,7 @@ def _internal_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | Qua
     is NAME.qweight / .scales / [.offsets] / [.lut] in one file, whose metadata "openclaw.quant" holds
     {NAME: [bits, group, N, K, zero]} (files written before the zero code existed list 4 numbers: zero 0)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for path, name, tensor, meta in _safetensors(model_dir):
+    for path, name, tensor, meta in iter_safetensors(model_dir):
         layouts = json.loads(meta.get("openclaw.quant", "{}"))
         base, _, part = name.rpartition(".")
         if f"{base}#parts" not in layouts:
@@ -152,11 +71,9 @@ def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = 
     quantize an unquantized checkpoint's linear layers to NF4 on the way (converters run on `device`)."""
     method = quant_method(raw)
     if method is None and not nf4:
-        return ((name, tensor) for _, name, tensor, _ in _safetensors(model_dir))
+        return ((name, tensor) for _, name, tensor, _ in iter_safetensors(model_dir))
     if method == "openclaw":
         return _internal_tensors(model_dir)
-    from openclaw.quant_formats import iter_quantized  # imports this module: not at the top
-
     return iter_quantized(model_dir, raw, device, nf4=nf4)
 
 
@@ -166,11 +83,10 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     the checkpoint is (or nf4 asks to quantize it while loading); then embeddings and lm_head, and any tensor the
     checkpoint left unquantized, become 8-bit. progress(what, done, total) counts the model's weights as they land."""
     model_dir = Path(model_dir)
-    family, raw = read_config(model_dir)
-    cfg = family.Qwen3Config.from_dict(raw)
+    family, cfg, raw = read_config(model_dir)
     quantized = quant_method(raw) is not None or nf4
     with torch.device("meta"):
-        model = family.Qwen3ForCausalLM(cfg, quantized).to(dtype)
+        model = family.model(cfg, quantized).to(dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     qmodules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
@@ -178,7 +94,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
         del qmodules["lm_head.weight"]  # shares the embedding's weight, set below
     loaded: set[str] = set()
     expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
-                for i in range(len(family.PACKED.get(pname.split(".")[-2], "x")))}
+                for i in range(max(1, len(family.packed_sizes(cfg, pname.split(".")[-2]))))}
     method = quant_method(raw)
     what = "quantizing to NF4" if nf4 and method is None else f"loading {method} weights" if method else "loading"
     pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
@@ -224,26 +140,6 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     return model.eval()
 
 
-def load_planned(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none",
-                 vram: float | None = None, max_batch_tokens: int = 512, max_seqs: int = 1, kv_budget: int | None = None,
-                 divide_length: int = 128, kv_tokens: int | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> tuple[torch.nn.Module, object]:
-    """(model, VRAM plan or None on the CPU): load_model under the plan of openclaw.memory. On CUDA the plan comes
-    first (refusing, before anything is loaded, what does not fit --vram; choosing NF4 for a full-precision checkpoint
-    when quantize is auto and only NF4 fits) and caps the allocator; on the CPU quantize nf4 alone quantizes."""
-    from openclaw.memory import cap_allocator, gpu_plan
-
-    plan, nf4 = None, quantize == "nf4"
-    if device.type == "cuda":
-        plan, nf4 = gpu_plan(model_dir, Path(model_dir).name, device, dtype, vram, max_batch_tokens, max_seqs,
-                             kv_budget, divide_length, kv_tokens, quantize)
-        cap_allocator(plan, device)
-    model = load_model(model_dir, device, dtype, nf4=nf4, progress=progress)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back conversion temporaries' segments before the pool takes the rest
-    return model, plan
-
-
 def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | None, module: torch.nn.Module,
                   device: torch.device) -> QuantWeight:
     """A checkpoint tensor for a quantized module, checked against the shape config.json implies; full-precision
@@ -264,7 +160,7 @@ def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | Non
 def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[QuantWeight]:
     """A fused module's parts (q/k/v, gate/up) on `device`: stacked into one weight (one GEMV) when they share a
     layout, else kept as they are (QuantLinear runs one GEMV per part), so no part is widened to another's layout.
-    openclaw.weight_size.quantized_weight_bytes counts by the same rule."""
+    openclaw.weights.sizes.quantized_weight_bytes counts by the same rule."""
     if len({p.layout for p in parts}) == 1:
         return concat_rows(parts).to(device)
     return [p.to(device) for p in parts]

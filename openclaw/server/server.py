@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
-from openclaw.openai_api import ApiError, Reply, parse_chat, parse_completion
+from openclaw.server.openai_api import ApiError, Reply, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
 MAX_BODY = 32 * 2**20

@@ -2,7 +2,7 @@
 
 Owns the GGUF -> HF mapping (config fields, tensor names, llama.cpp's Q/K row permutation, the byte-level BPE
 tokenizer) and the cache of converted directories. It does not quantize: tensors are dequantized to float32 and
-the loader picks the runtime format, or (quantized=True) stay in the GGUF file, which openclaw.quant_gguf repacks
+the loader picks the runtime format, or (quantized=True) stay in the GGUF file, which openclaw.weights.gguf_blocks repacks
 at load. Sentencepiece vocabularies and llama3-style rope_freqs are not handled yet.
 """
 
@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from openclaw.errors import OpenClawError
+from openclaw.models import FAMILIES
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Part of the cache key: bump it when the output changes so directories written by an older importer are not reused.
 FORMAT_VERSION = 1
 
@@ -56,7 +56,7 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
 
     `progress(done_tensors, total_tensors)` is called after each tensor of a conversion. quantized=True writes no
     weights: the directory links to the GGUF file (model.gguf) and its config.json says quantization_config
-    {"quant_method": "gguf"}, so the loader streams the file's blocks through openclaw.quant_gguf, still quantized.
+    {"quant_method": "gguf"}, so the loader streams the file's blocks through openclaw.weights.gguf_blocks, still quantized.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -69,11 +69,7 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
         return final
 
     reader = _open(gguf_path)
-    arch = _field(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise OpenClawError(
-            f"{gguf_path} is a {arch!r} model; the GGUF importer supports only {', '.join(ARCHITECTURES)}."
-        )
+    arch = architecture(reader, gguf_path)
     # Everything is checked before anything is written, so a bad file fails in seconds, not after minutes.
     config = _config(reader, arch, gguf_path)
     plan = _tensor_plan(reader, arch, gguf_path, config)
@@ -103,6 +99,15 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
             f"Could not write the converted model under {final.parent} ({exc}); free disk space or use another cache dir."
         ) from exc
     return final
+
+
+def architecture(reader: gguf.GGUFReader, path: Path) -> str:
+    """The file's general.architecture, which names a model_type of the family table for the architectures we
+    import; a one-line error for any other."""
+    arch = _field(reader, "general.architecture")
+    if arch not in FAMILIES:
+        raise OpenClawError(f"{path} is a {arch!r} model; the GGUF importer supports only {', '.join(FAMILIES)}.")
+    return arch
 
 
 def _fingerprint(path: Path) -> str:
@@ -183,7 +188,7 @@ def _config(reader: gguf.GGUFReader, arch: str, path: Path) -> dict:
         raise OpenClawError(f"{path} has no token_embd.weight tensor; the file is incomplete or not a language model.")
     vocab = int(names["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
     return {
-        "architectures": [ARCHITECTURES[arch]],
+        "architectures": [FAMILIES[arch].architectures[arch]],
         "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,

@@ -4,7 +4,7 @@ Inputs are tensors the caller gathers (the sequence's post-RoPE keys, its recent
 attention, calibration statistics); the output is keep indices [L, Hkv, budget] per (layer, KV head), sorted, so
 kept tokens stay in temporal order. Every policy keeps the same always-kept ends: the pinned prompt (and streaming's
 sinks) at the front, the protected recent tokens (and each policy's own recent window) at the back; only the
-tokens between compete. Nothing here reads or writes the KV pool's storage (openclaw.compressor does).
+tokens between compete. Nothing here reads or writes the KV pool's storage (openclaw.evict.compressor does).
 """
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from openclaw.config import EvictionConfig
-from openclaw.kernels.tri_score import tri_score, tri_score_ref
+from openclaw.kernels.tri_score import tri_score
 
 
 @dataclass
@@ -75,8 +75,7 @@ def select(scores: torch.Tensor, n: int, front: int, back: int, budget: int) -> 
 def triattention_scores(inp: EvictInputs, cfg: EvictionConfig) -> torch.Tensor:
     """Raw scores [L, H, n] of every cached key for every query head (post-RoPE form; Triton on the GPU)."""
     s = inp.stats
-    score = tri_score if inp.keys.is_cuda else tri_score_ref
-    return score(inp.keys, s.mu_re, s.mu_im, s.a_mean, s.omega, inp.t, terms=cfg.tri_terms)
+    return tri_score(inp.keys, s.mu_re, s.mu_im, s.a_mean, s.omega, inp.t, terms=cfg.tri_terms)
 
 
 def triattention_aggregate(raw: torch.Tensor, num_kv_heads: int, seed: int) -> torch.Tensor:

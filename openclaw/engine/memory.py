@@ -1,46 +1,36 @@
 """The VRAM plan of DESIGN.md ("Memory: the hard cap"): weights + CUDA context + workspace + prefill activations +
 KV pool = the cap, so the pool's size in tokens, and how many sequences of an eviction budget fit, follow.
 
-Computed before anything is loaded, from config.json (or a manifest entry's config) and openclaw.weight_size's
-weight bytes; it also decides what --quantize auto loads (NF4 only when full precision does not fit). It allocates
+Computed before anything is loaded, from the family's config dataclass (config.json or a manifest entry's config) and
+openclaw.weights.sizes's weight bytes; it also decides what --quantize auto loads (NF4 only when full precision does
+not fit). The engine asks for the plan first and hands the loader what it decided. It allocates
 nothing; the engine refuses a plan that does not fit (Plan.require) and caps PyTorch's allocator (cap_allocator).
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
-from openclaw.weight_size import FORMAT_LAYOUTS, NF4, checkpoint_weight_bytes, quantized_weight_bytes, weight_bytes
+from openclaw.kernels.qlinear import DEQUANT_CHUNK_BYTES, QuantWeight
+from openclaw.weights.checkpoint import parse_config, read_config, read_json
+from openclaw.weights.hub import hub_dir, load_manifest, load_quantize, manifest_entry
+from openclaw.weights.layout import FORMAT_LAYOUTS, NF4
+from openclaw.weights.sizes import checkpoint_weight_bytes, gguf_weight_bytes, weight_bytes
 
 GIB = 1 << 30
 MIB = 1 << 20
 CONTEXT_ESTIMATE = 600 * MIB  # CUDA context when it cannot be measured (planning on a machine without the GPU)
 WORKSPACE = 512 * MIB  # cuBLAS / Triton workspaces, autotuning (do_bench's 256 MiB buffer), CUDA graphs, slack
-DEQUANT_WORKSPACE = 64 * MIB  # = kernels.qlinear.DEQUANT_CHUNK_BYTES (prefill dequantizes this much at a time)
 
 
-def kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
-    heads = cfg["num_attention_heads"]
-    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * (cfg.get("num_key_value_heads") or heads) * d * dtype_bytes
-
-
-def activation_bytes(cfg: dict, dtype_bytes: int, max_batch_tokens: int, max_seqs: int) -> int:
-    """The largest prefill chunk's transient tensors (hidden states, fused qkv, gate/up, attention output; x2 for
-    allocator fragmentation), the prefill dequantization workspace and the sampled rows' fp32 logits (x4 for the
-    sampler's copies). Prefill attention (models/layers.py, per KV-head group) may copy one group's K/V at the full
-    context and builds a [T, S] mask; no [H, T, S] score matrix is counted."""
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    hkv = cfg.get("num_key_value_heads") or heads
-    d = cfg.get("head_dim") or h // heads
-    per_token = 4 * h + (heads + 2 * hkv) * d + heads * d + 3 * inter
-    logits = 4 * max_seqs * cfg["vocab_size"] * 4
-    context = cfg.get("max_position_embeddings", 4096)
-    attention = 2 * 2 * (heads // hkv) * context * d * dtype_bytes + max_batch_tokens * context
-    return 2 * max_batch_tokens * per_token * dtype_bytes + DEQUANT_WORKSPACE + logits + attention
+def activation_bytes(cfg, dtype_bytes: int, max_batch_tokens: int, max_seqs: int) -> int:
+    """The largest prefill chunk's transient tensors at the full context (the family config's activation_bytes; x2 for
+    allocator fragmentation there), the prefill dequantization workspace and the sampled rows' fp32 logits (x4 for
+    the sampler's copies)."""
+    logits = 4 * max_seqs * cfg.vocab_size * 4
+    step = cfg.activation_bytes(max_batch_tokens, cfg.max_position_embeddings, dtype_bytes)
+    return step + DEQUANT_CHUNK_BYTES + logits
 
 
 @dataclass
@@ -116,20 +106,19 @@ class Plan:
         return self.kv_tokens >= self.need(kv_tokens)
 
 
-def plan(cfg: dict, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dtype_bytes: int = 2,
+def plan(cfg, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dtype_bytes: int = 2,
          max_batch_tokens: int = 512, max_seqs: int = 16, kv_budget: int | None = None,
          divide_length: int = 128) -> Plan:
+    """The plan for a model of config `cfg` (a family config dataclass) whose weights take `weights` bytes."""
     return Plan(cap=cap, context=context, workspace=WORKSPACE, weights=weights,
                 activations=activation_bytes(cfg, dtype_bytes, max_batch_tokens, max_seqs),
-                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype_bytes), kv_budget=kv_budget,
+                kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes), kv_budget=kv_budget,
                 divide_length=divide_length)
 
 
 def loaded_bytes(model) -> int:
     """What a loaded model holds: its parameters and buffers plus every QuantWeight, also those of a QuantLinear
     kept in parts (shared ones once)."""
-    from openclaw.kernels.qlinear import QuantWeight
-
     seen, total = set(), 0
     tensors = [*model.parameters(), *model.buffers()]
     for m in model.modules():
@@ -182,10 +171,10 @@ def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_
     (whatever is on the card before our first allocation); refuses (OpenClawError) what does not fit, before
     anything is loaded."""
     cap, context = _card(device, vram)
-    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    _, cfg, raw = read_config(model_dir)
 
     def make(weights: int) -> Plan:
-        return plan(raw, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length)
+        return plan(cfg, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length)
 
     p, nf4 = weight_plan(raw, lambda q: checkpoint_weight_bytes(model_dir, dtype.itemsize, q), make, quantize,
                          kv_tokens)
@@ -225,10 +214,8 @@ def plan_model(spec: str, cache_dir: Path, vram: float | None, kv_budget: int | 
     """(plan, model name, the manifest models that would fit) for `openclaw plan`: a manifest name (its local
     checkpoint when pulled, else the manifest's config and format), a model directory or a .gguf file (from its
     header), planned in bf16 against --vram (default: this GPU's total) as the engine would load it on a GPU.
-    Nothing is downloaded or loaded."""
-    import torch
-
-    from openclaw.hub import hub_dir, load_manifest, load_quantize, manifest_entry
+    Nothing is downloaded or loaded; an architecture no family defines is refused as the loader would refuse it."""
+    import torch  # here, not at the top: `openclaw plan --help` should not wait for it
 
     manifest = load_manifest()
     entry = manifest_entry(spec, manifest)
@@ -241,40 +228,43 @@ def plan_model(spec: str, cache_dir: Path, vram: float | None, kv_budget: int | 
         raise OpenClawError("no GPU here to take the default from: give --vram GIB")
     else:
         cap = int(vram * GIB)
-    cfg, weights_at = _plan_source(spec, local, entry, quantize)
+    raw, weights_at = _plan_source(spec, local, entry, quantize)
+    _, cfg = parse_config(raw, spec)
 
     def make(weights: int) -> Plan:
         return plan(cfg, weights, cap, context, 2, max_batch_tokens, max_seqs, kv_budget, divide_length)
 
-    p, _ = weight_plan(cfg, weights_at, make, quantize)
+    p, _ = weight_plan(raw, weights_at, make, quantize)
     fitting = []
     for e in manifest.values():
-        ecfg = {"model_type": e.architecture, **e.config}
+        if not e.supported:
+            continue
+        _, ecfg = parse_config(e.raw_config, e.name)
         ep = plan(ecfg, weight_bytes(ecfg, 2, FORMAT_LAYOUTS.get(e.format)), cap, context, 2, max_batch_tokens,
                   max_seqs, kv_budget, divide_length)
-        if e.supported and ep.fits():
+        if ep.fits():
             fitting.append(e.name)
     return p, entry.name if entry is not None else local.name, fitting
 
 
 def _plan_source(spec: str, local: Path, entry, quantize: str) -> tuple[dict, Callable[[bool], int]]:
-    """(config, weight bytes given nf4) of what plan_model plans: a .gguf file (its blocks kept unless quantize is
-    none), a model directory, or a manifest entry not pulled yet (its config and format)."""
+    """(config.json dict, weight bytes given nf4) of what plan_model plans: a .gguf file (its blocks kept unless
+    quantize is none), a model directory, or a manifest entry not pulled yet (its config and format)."""
     if local.is_file() and local.suffix.lower() == ".gguf":
-        from openclaw.quant_gguf import gguf_tensor_layouts
-
-        cfg, tensors = gguf_tensor_layouts(local)
+        raw, stored = gguf_weight_bytes(local, 2)
         if quantize == "none":  # dequantized at import: a full-precision checkpoint
-            return cfg, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else None)
-        cfg["quantization_config"] = {"quant_method": "gguf"}
-        return cfg, lambda _: quantized_weight_bytes(tensors, 2, cfg["tie_word_embeddings"])
+            _, cfg = parse_config(raw, local)
+            return raw, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else None)
+        raw["quantization_config"] = {"quant_method": "gguf"}
+        return raw, lambda _: stored
     if (local / "config.json").is_file():
-        return json.loads((local / "config.json").read_text()), lambda nf4: checkpoint_weight_bytes(local, 2, nf4)
+        return read_json(local / "config.json"), lambda nf4: checkpoint_weight_bytes(local, 2, nf4)
     if entry is None:
         raise OpenClawError(f"{spec} is neither a manifest name (`openclaw models`), a model directory nor a .gguf file")
-    cfg = {"model_type": entry.architecture, **entry.config}
+    raw = entry.raw_config
+    _, cfg = parse_config(raw, entry.name)
     stored = None
     if not entry.format.startswith("bf16"):  # pre-quantized: loads as stored
-        cfg["quantization_config"] = {"quant_method": entry.format}
+        raw["quantization_config"] = {"quant_method": entry.format}
         stored = FORMAT_LAYOUTS.get(entry.format)
-    return cfg, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else stored)
+    return raw, lambda nf4: weight_bytes(cfg, 2, NF4 if nf4 else stored)

@@ -3,7 +3,7 @@
 QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64, so the same object
 serves offline calibration over a text and online statistics (`--stats auto`, running means of the queries the
 model computes anyway). Files use the reference plugin's format (TRIATTENTION.md section 2) and load with
-torch.load(weights_only=True). It does not score or evict (openclaw.evictor does).
+torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
 """
 
 import pickle
@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+from openclaw.config import SamplingParams
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.runner import Runner
+from openclaw.engine.scheduler import Scheduler
+from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
-from openclaw.evictor import TriStats
-from openclaw.kv_pool import KVPool
-from openclaw.models.layers import BatchMeta
+from openclaw.evict.evictor import TriStats
 
 ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout)
 
@@ -119,20 +122,25 @@ class StatsTap:
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
-    """Run ids through the model in independent contexts of `context` tokens; accumulate pre-RoPE query stats."""
+    """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
+    engine's scheduler and runner; accumulate pre-RoPE query stats."""
     cfg = model.config
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
     stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
     tap = StatsTap(stats, cfg.num_hidden_layers)
     pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    runner = Runner(model, pool, device, cuda_graphs=False)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]
-        for s in range(0, len(window), chunk):
-            T = min(chunk, len(window) - s)
-            pos = torch.arange(s, s + T, device=device)
-            meta = BatchMeta(slot_mapping=pos, seqs=[(0, T, 0, s + T)], sample_idx=pos[:0], query_tap=tap)
-            model(torch.tensor(window[s:s + T], device=device), pos, meta, pool.k, pool.v)
+        seq = Sequence(window, SamplingParams(max_tokens=1), max_len=len(window))
+        scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
+        scheduler.add(seq)
+        while seq.num_computed < len(window):
+            batch = scheduler.schedule()
+            runner.step(batch, tap, rows=[])
+            scheduler.advance(batch)
+        scheduler.finish(seq, "length")
     return stats
 
 

@@ -2,16 +2,17 @@
 
 On CUDA a decode step of a single sequence replays a captured CUDA graph (one launch instead of one per kernel of
 every layer); a graph attends to a power-of-two bucket of the sequence's slots, masked down to its real length.
-It does not choose what runs (the scheduler does) or pick tokens (the sampler does).
+It reads sequences and never changes them: it does not choose what runs or advance progress (the scheduler does) or
+pick tokens (the sampler does). Calibration and the fidelity harness build their steps here too.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from openclaw.kv_pool import KVPool
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.sequence import Sequence
 from openclaw.models.layers import BatchMeta
-from openclaw.sequence import Sequence
 
 
 @dataclass
@@ -38,11 +39,13 @@ class Runner:
         self.uploaded = torch.cuda.Event() if self.cuda_graphs else None
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]], query_tap=None) -> tuple[torch.Tensor, list[Sequence]]:
+    def step(self, batch: list[tuple[Sequence, int]], query_tap=None,
+             rows: list[int] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
         """Run n tokens of each sequence; write their K/V; return logits [N, V] and the N sequences that sample.
 
         A sequence samples when this step reaches the end of its known tokens (the last prefill chunk or decode).
         query_tap (BatchMeta.query_tap) sees every layer's queries; the eviction loop passes one when it needs them.
+        rows: the step's token rows to return logits for instead (teacher forcing; no sequence samples then).
         """
         ids, positions, slots, seqs, sample_rows, samplers = [], [], [], [], [], []
         t = 0
@@ -61,18 +64,15 @@ class Runner:
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
+        if rows is not None:
+            sample_rows, samplers = rows, []
         if self.cuda_graphs and query_tap is None and len(batch) == 1 and t == 1 and samplers:
             logits = self._replay(batch[0][0].slot_base, ids[0], positions[0], slots[0], seqs[0][3])
         else:
+            spans = tensor([s[2] for s in seqs] + [s[3] for s in seqs])  # decode attention reads slot ranges here
             meta = BatchMeta(slot_mapping=tensor(slots), seqs=seqs, sample_idx=tensor(sample_rows),
-                             query_tap=query_tap)
-            if self.device.type == "cuda":  # the fused decode attention reads slot ranges from the device
-                spans = tensor([s[2] for s in seqs] + [s[3] for s in seqs])
-                meta.slot_base, meta.kv_valid = spans[:len(seqs)], spans[len(seqs):]
+                             query_tap=query_tap, slot_base=spans[:len(seqs)], kv_valid=spans[len(seqs):])
             logits = self.model(tensor(ids), tensor(positions), meta, self.pool.k, self.pool.v)
-        for seq, n in batch:
-            seq.num_computed += n
-            seq.kv_len += n
         return logits, samplers
 
     def _replay(self, base: int, token: int, position: int, slot: int, kv_len: int) -> torch.Tensor:

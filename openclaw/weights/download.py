@@ -20,7 +20,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
-from openclaw.hub import ManifestEntry, hub_dir
+from openclaw.weights.hub import ManifestEntry, hub_dir
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.gguf")  # weights, config, tokenizer, template

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from openclaw.config import EvictionConfig
-from openclaw.evictor import TriStats
-from openclaw.fidelity import forced_logprobs
+from openclaw.eval.fidelity import forced_logprobs
+from openclaw.evict.evictor import TriStats
 
 NAMES = ["Adelaide", "Bartholomew", "Cornelius", "Dorothea", "Ezekiel", "Florentine", "Gwendolyn", "Horatio",
          "Isadora", "Jedediah", "Leopold", "Millicent", "Octavia", "Percival", "Rosalind", "Thaddeus"]

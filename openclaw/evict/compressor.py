@@ -1,10 +1,10 @@
 """The KV compression loop: when a budgeted sequence's cache reaches budget + divide_length tokens, score it
-(openclaw.evictor), compact its pool slots (kernels/kv_compact) and carry per-sequence state across evictions.
+(openclaw.evict.evictor), compact its pool slots (kernels/kv_compact) and carry per-sequence state across evictions.
 
 It owns the query tap that collects what the policies need from the forward: the last W post-RoPE queries
 (snapkv, rkv), the attention each cached token has received (h2o: recomputed from the queries, one extra QK^T of
-the step), and online query statistics (triattention with --stats auto). It does not decide what runs (the
-scheduler does) and does not score (the evictor does).
+the step), and online query statistics (triattention with --stats auto). It does not decide what runs or change a
+sequence (the scheduler does: Scheduler.compacted after each eviction) and does not score (the evictor does).
 """
 
 from collections.abc import Callable
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from openclaw.calibrate import QueryStats, load_stats
 from openclaw.config import EvictionConfig
-from openclaw.evictor import EvictInputs, TriStats, keep_indices
-from openclaw.kernels.kv_compact import kv_compact, kv_compact_ref
-from openclaw.kv_pool import KVPool
-from openclaw.sequence import Sequence
+from openclaw.engine.kv_pool import KVPool
+from openclaw.engine.sequence import Sequence
+from openclaw.evict.calibrate import QueryStats, load_stats
+from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices
+from openclaw.kernels.kv_compact import kv_compact
 
 
 @dataclass
@@ -50,11 +50,6 @@ class Compressor:
                                model.rope.inv_freq)
         return cls(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
 
-    def slots_for(self, seq: Sequence) -> None:
-        """Mark seq as budgeted (it then owns budget + divide_length slots); a no-op for the full policy."""
-        if self.cfg.evicts:
-            seq.kv_budget, seq.divide_length = self.cfg.budget, self.cfg.divide_length
-
     def tap(self, batch: list[tuple[Sequence, int]]) -> Callable | None:
         """A BatchMeta.query_tap for this step, or None when no policy needs the queries."""
         wants = self.cfg.policy in ("snapkv", "rkv", "h2o")
@@ -67,11 +62,10 @@ class Compressor:
             t += n
         return _QueryTap(self, rows)
 
-    @torch.inference_mode()
-    def after_step(self, batch: list[tuple[Sequence, int]]) -> None:
-        for seq, _ in batch:
-            if seq.kv_budget is not None and seq.kv_len >= seq.kv_budget + seq.divide_length:
-                self.evict(seq)
+    @staticmethod
+    def due(seq: Sequence) -> bool:
+        """Whether seq's cache has reached budget + divide_length and must be compressed before its next step."""
+        return seq.kv_budget is not None and seq.kv_len >= seq.kv_budget + seq.divide_length
 
     def tri_stats(self) -> TriStats | None:
         if self.online is not None:
@@ -80,7 +74,8 @@ class Compressor:
 
     @torch.inference_mode()
     def evict(self, seq: Sequence) -> torch.Tensor:
-        """Compress seq's cache to its budget; returns the keep indices [L, Hkv, budget]."""
+        """Compress seq's cache to its budget (its kept entries move to the front of its slots); returns the keep
+        indices [L, Hkv, budget]. The caller tells the scheduler (Scheduler.compacted)."""
         n, base, budget = seq.kv_len, seq.slot_base, seq.kv_budget
         st = self.states.get(seq.seq_id, _SeqState())
         attention = st.attention[..., :n] if st.attention is not None else None
@@ -88,12 +83,11 @@ class Compressor:
                           prompt_cached=min(seq.prompt_len, n), queries=st.queries, attention=attention,
                           stats=self.tri_stats() if self.cfg.policy == "triattention" else None)
         keep = keep_indices(self.cfg, inp)
-        (kv_compact if self.pool.k.is_cuda else kv_compact_ref)(self.pool.k, self.pool.v, base, keep)
+        kv_compact(self.pool.k, self.pool.v, base, keep)
         if st.attention is not None:
             kept = st.attention[..., :n].gather(-1, keep.to(st.attention.device))
             st.attention.zero_()
             st.attention[..., :budget] = kept
-        seq.kv_len = budget
         self.evictions += 1
         return keep
 
