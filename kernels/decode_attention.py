@@ -2,6 +2,11 @@
 cut into partitions, one program per (sequence, KV head, partition) computes a partial softmax for the whole query
 group of that KV head, and a combine kernel merges the partitions. Plus the plain-PyTorch reference.
 
+Optionally it also adds up the attention each key receives (`mass`: the softmax probabilities of the step's query,
+summed over each KV head's query group, added at the key's slot): the realized-attention signal eviction policies use
+(H2O, TriAttention's attention term), from a third kernel that recomputes the logits of its partition against the
+combined max and sum, so the probabilities are never materialized.
+
 The partition count depends only on the static length bound; the lengths are read from device tensors at run time
 and each sequence's keys are split evenly over the partitions then, so a captured CUDA graph replays at any length up
 to the bound with every partition busy (a graph bucket of 8192 keys at 4200 keys keeps all its programs working). It
@@ -86,10 +91,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml
 
 
 @triton.jit(do_not_specialize=["num_parts"])
-def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, num_parts, stride_ob, stride_oh, H: tl.constexpr,
-                           D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, lse_ptr, num_parts, stride_ob, stride_oh, H: tl.constexpr,
+                           D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr):
     """Grid (B * H,): o[b, h] = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p over the P partitions. acc and ml are
-    loaded at once (an empty partition's acc is zeros, so no load waits on another)."""
+    loaded at once (an empty partition's acc is zeros, so no load waits on another). STORE_LSE: also write the final
+    max M and sum into lse [B, H, 2] (for the mass kernel)."""
     i_bh = tl.program_id(0).to(tl.int64)
     o_p = tl.arange(0, BLOCK_P)
     o_d = tl.arange(0, BLOCK_D)
@@ -101,10 +107,59 @@ def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, num_parts, stride_ob, stride_
     b_acc = tl.load(acc_ptr + o_row[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0)
     b_w = tl.exp2(b_m - tl.max(b_m, axis=0))
     b_w = tl.where(m_p & (b_l > 0), b_w, 0.0)  # empty partitions: -inf - (-inf) would be NaN
-    b_o = tl.sum(b_acc * b_w[:, None], axis=0) / tl.sum(b_l * b_w, axis=0)
+    b_sum = tl.sum(b_l * b_w, axis=0)
+    b_o = tl.sum(b_acc * b_w[:, None], axis=0) / b_sum
     i_b = i_bh // H
     i_h = i_bh % H
     tl.store(o_ptr + i_b * stride_ob + i_h * stride_oh + o_d, b_o.to(o_ptr.dtype.element_ty), mask=m_d)
+    if STORE_LSE:
+        tl.store(lse_ptr + i_bh * 2, tl.max(b_m, axis=0))
+        tl.store(lse_ptr + i_bh * 2 + 1, b_sum)
+
+
+@triton.jit
+def _decode_mass_kernel(q_ptr, k_ptr, base_ptr, len_ptr, lse_ptr, mass_ptr, scale, stride_qb, stride_qh,
+                        stride_ks, stride_kh, stride_ms, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    """Grid (B * Hkv, P), partitioned as _decode_attention_kernel: for each key of the partition, recompute the
+    logits of the group's queries, turn them into probabilities with the combined max and sum (lse), sum them over
+    the group and add them to mass[base + key, g]. Each key belongs to one program, so the adds need no atomics."""
+    i_bg = tl.program_id(0).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
+    n_p = tl.num_programs(1)
+    i_b = i_bg // HKV
+    i_g = i_bg % HKV
+    base = tl.load(base_ptr + i_b).to(tl.int64)
+    n = tl.load(len_ptr + i_b).to(tl.int64)
+    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
+    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
+    start = i_p * part_len
+    end = tl.minimum(start + part_len, n)
+    o_g = tl.arange(0, BLOCK_G)
+    o_d = tl.arange(0, BLOCK_D)
+    m_g = o_g < G
+    m_d = o_d < D
+    o_h = i_g * G + o_g
+    b_q = tl.load(q_ptr + i_b * stride_qb + o_h[:, None] * stride_qh + o_d[None, :], mask=m_g[:, None] & m_d[None, :],
+                  other=0.0).to(k_ptr.dtype.element_ty)
+    o_bh = i_b * HKV * G + o_h
+    b_max = tl.load(lse_ptr + o_bh * 2, mask=m_g, other=0.0)
+    b_sum = tl.load(lse_ptr + o_bh * 2 + 1, mask=m_g, other=1.0)
+    qk_scale = scale * 1.4426950408889634
+    for j in range(start, end, BLOCK_N):
+        o_n = j + tl.arange(0, BLOCK_N)
+        m_n = o_n < end
+        b_k = tl.load(k_ptr + (base + o_n)[:, None] * stride_ks + i_g * stride_kh + o_d[None, :],
+                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        if DOT_F32:
+            b_s = tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_p = tl.exp2(b_s * qk_scale - b_max[:, None]) / b_sum[:, None]
+        b_p = tl.where(m_g[:, None] & m_n[None, :], b_p, 0.0)
+        p_m = mass_ptr + (base + o_n) * stride_ms + i_g
+        tl.store(p_m, tl.load(p_m, mask=m_n, other=0.0) + tl.sum(b_p, axis=0), mask=m_n)
 
 
 def num_partitions(max_len: int, batch_heads: int, device: torch.device) -> int:
@@ -117,24 +172,27 @@ def num_partitions(max_len: int, batch_heads: int, device: torch.device) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
-                     kv_len: torch.Tensor, scale: float, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D] (into out when given).
+                     kv_len: torch.Tensor, scale: float, max_len: int, out: torch.Tensor | None = None,
+                     mass: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D] (into out when given);
+    mass: [S, Hkv] fp32, when given each key's attention (summed over its query group) is added at its slot.
     Triton on CUDA tensors (decode_attention_triton), decode_attention_ref on CPU tensors."""
     if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=out)
-    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale)
+        return decode_attention_triton(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=out, mass=mass)
+    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, mass=mass)
     return y if out is None else out.copy_(y)
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
                             kv_len: torch.Tensor, scale: float, max_len: int, num_parts: int | None = None,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, mass: torch.Tensor | None = None) -> torch.Tensor:
     """The split-K Triton kernel and its combine (CPU tensors run in Triton's interpreter).
 
     Sequence b attends to slots [slot_base[b], slot_base[b] + kv_len[b]) (slot_base, kv_len: [B] int device
     tensors, 1 <= kv_len[b] <= max_len); query head h reads KV head h // (H / Hkv); softmax in fp32.
     max_len: the static bound the partitioning is derived from; num_parts overrides the partition count (and then
-    every partition gets keys whenever the length allows 16 each, instead of MIN_PARTITION)."""
+    every partition gets keys whenever the length allows 16 each, instead of MIN_PARTITION); mass: [S, Hkv] fp32
+    contiguous, the attention each key receives added at its slot (a third launch)."""
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     assert H % Hkv == 0 and k_cache.shape[1:] == (Hkv, D) and v_cache.shape == k_cache.shape
@@ -151,20 +209,30 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ml = torch.empty(B, H, num_parts, 2, dtype=torch.float32, device=q.device)
     G = H // Hkv
     block_d = triton.next_power_of_2(D)
+    block_g = max(16, triton.next_power_of_2(G))
+    dot_f32 = k_cache.dtype == torch.float32 or not q.is_cuda
     _decode_attention_kernel[(B * Hkv, num_parts)](
         q, k_cache, v_cache, slot_base, kv_len, acc, ml, scale, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HKV=Hkv, G=G, D=D,
-        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=BLOCK_N, MIN_PART=min_part,
-        DOT_F32=k_cache.dtype == torch.float32 or not q.is_cuda, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _decode_combine_kernel[(B * H,)](acc, ml, out, num_parts, out.stride(0), out.stride(1), H=H, D=D,
-                                     BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_d)
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, MIN_PART=min_part,
+        DOT_F32=dot_f32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    lse = ml if mass is None else torch.empty(B, H, 2, dtype=torch.float32, device=q.device)
+    _decode_combine_kernel[(B * H,)](acc, ml, out, lse, num_parts, out.stride(0), out.stride(1), H=H, D=D,
+                                     BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_d,
+                                     STORE_LSE=mass is not None)
+    if mass is not None:
+        assert mass.dtype == torch.float32 and mass.is_contiguous() and mass.shape == k_cache.shape[:2]
+        _decode_mass_kernel[(B * Hkv, num_parts)](
+            q, k_cache, slot_base, kv_len, lse, mass, scale, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), mass.stride(0), HKV=Hkv, G=G, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+            MIN_PART=min_part, DOT_F32=dot_f32, num_warps=NUM_WARPS)
     return out
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
-                         kv_len: torch.Tensor, scale: float) -> torch.Tensor:
+                         kv_len: torch.Tensor, scale: float, mass: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch, fp32 scores, softmax and sums, one grouped matmul per KV head group: the oracle and the CPU
-    path."""
+    path (mass: as decode_attention)."""
     H, D = q.shape[1:]
     Hkv = k_cache.shape[1]
     out = torch.empty_like(q)
@@ -172,6 +240,8 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         k = k_cache[base:base + n].transpose(0, 1).float()  # [Hkv, n, D]
         v = v_cache[base:base + n].transpose(0, 1).float()
         qg = q[b].view(Hkv, H // Hkv, D).float()  # query head h reads KV head h // (H / Hkv)
-        p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)) * scale, dim=-1)
+        p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)) * scale, dim=-1)  # [Hkv, G, n]
         out[b] = torch.bmm(p, v).view(H, D).to(q.dtype)
+        if mass is not None:
+            mass[base:base + n] += p.sum(1).transpose(0, 1)
     return out

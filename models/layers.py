@@ -35,6 +35,9 @@ class BatchMeta:
               masked. Decode attention reads lengths only from here (with slot_base). Default: seqs' kv_len.
     slot_base: [number of sequences] each sequence's first slot, on the device, so decode attention runs without
                host values and a graph replays at any length. Default: seqs' slot_base.
+    key_mass: [L, S, Hkv] fp32, pool-shaped: when set, each layer adds at every cached key's slot the attention it
+              receives in this step (softmax probabilities summed over the step's queries and each KV head's query
+              group): the realized-attention signal of eviction. None costs nothing.
     """
 
     slot_mapping: torch.Tensor
@@ -43,6 +46,7 @@ class BatchMeta:
     query_tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     kv_valid: torch.Tensor | None = None
     slot_base: torch.Tensor | None = None
+    key_mass: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         dev = self.slot_mapping.device
@@ -135,6 +139,8 @@ class Rope:
     Not an nn.Module: its table is derived from the config, never loaded, so it survives meta-device builds.
     """
 
+    style = "half"  # how dims pair into rotated bands (TriAttention's statistics files record it)
+
     def __init__(self, head_dim: int, params: dict, max_position_embeddings: int):
         with torch.device("cpu"):  # real values even when the model is built on the meta device
             self.inv_freq, self.scale = rope_inv_freq(head_dim, params, max_position_embeddings)
@@ -156,19 +162,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BatchMeta,
-                   scale: float) -> torch.Tensor:
-    """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step.
+                   scale: float, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]; each sequence attends to its own slots, causally within this step. mass: this
+    layer's [S, Hkv] of BatchMeta.key_mass, or None.
 
     Decoding sequences (one query) go through kernels/decode_attention.py, all of them in one call when every sequence
-    of the step decodes; a prefill chunk through SDPA."""
+    of the step decodes; a prefill chunk through SDPA (and, when mass is wanted, its probabilities once more)."""
     if all(q_len == 1 and q_start == i for i, (q_start, q_len, _, _) in enumerate(meta.seqs)):
         max_len = max(kv_len for _, _, _, kv_len in meta.seqs)
-        return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len)
+        return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len, mass=mass)
     out = torch.empty_like(q)
     for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
         if q_len == 1:
             decode_attention(q[q_start:q_start + 1], k_cache, v_cache, meta.slot_base[i:i + 1],
-                             meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1])
+                             meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1], mass=mass)
             continue
         qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
         ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
@@ -182,7 +189,18 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q_start:q_start + q_len] = o.transpose(0, 1)
+        if mass is not None:
+            mass[base:base + kv_len] += _received(qs, ks, mask, scale)
     return out
+
+
+def _received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention [kv, Hkv] each key receives from the chunk's queries q [H, n, D] (k: [Hkv, kv, D], mask [n, kv]),
+    summed over the queries and each KV head's query group; fp32."""
+    hkv = k.shape[0]
+    qg = q.float().unflatten(0, (hkv, q.shape[0] // hkv))  # [Hkv, G, n, D]
+    logits = (qg @ k.float().transpose(1, 2)[:, None]) * scale  # [Hkv, G, n, kv]
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).sum((1, 2)).T
 
 
 def _prefill_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -119,8 +119,8 @@ class Attention(nn.Module):
         self.scale = self.d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden]; k_cache, v_cache: [S, Hkv, D] (this layer's pool)."""
+                k_cache: torch.Tensor, v_cache: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, hidden]; k_cache, v_cache: [S, Hkv, D] (this layer's pool); mass: this layer's BatchMeta.key_mass."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
@@ -130,7 +130,7 @@ class Attention(nn.Module):
                             self.d, q_pre=q_pre)
         if meta.query_tap is not None:
             meta.query_tap(q_pre, q)
-        o = pool_attention(q, k_cache, v_cache, meta, self.scale)
+        o = pool_attention(q, k_cache, v_cache, meta, self.scale, mass)
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
@@ -157,11 +157,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache, mass=None):
         """-> (this layer's MLP output, the residual stream before it): the caller adds them, here in the next
         layer's add_norm, so that the add and the norm are one kernel."""
         x, residual = self.input_layernorm.add_norm(x, residual)
-        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache)
+        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache, mass)
         x, residual = self.post_attention_layernorm.add_norm(x, residual)
         return self.mlp(x), residual
 
@@ -205,7 +205,8 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         residual = None
         for i, layer in enumerate(self.model.layers):
-            x, residual = layer(x, residual, cos, sin, meta, k_pool[i], v_pool[i])
+            mass = None if meta.key_mass is None else meta.key_mass[i]
+            x, residual = layer(x, residual, cos, sin, meta, k_pool[i], v_pool[i], mass)
         idx = meta.sample_idx
         x, _ = self.model.norm.add_norm(x[idx], None if residual is None else residual[idx])
         return self.logits(x)

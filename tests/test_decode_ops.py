@@ -135,6 +135,21 @@ def check_decode_attention(H: int, Hkv: int, D: int, lens: list[int], bound: int
     out = nan(B, H, D, dtype=dtype, device=device)
     decode_attention_triton(q, k, v, base_t, len_t, D ** -0.5, bound, num_parts=num_parts, out=out)
     assert_close(out, decode_attention_ref(q, k, v, base_t, len_t, D ** -0.5), dtype, matmul=True)
+    # the realized-attention output: each key's probability, summed over its query group, added at its slot
+    before = torch.rand(S, Hkv, generator=torch.Generator().manual_seed(1)).to(device)
+    mass, want = before.clone(), before.clone()
+    out2 = nan(B, H, D, dtype=dtype, device=device)
+    decode_attention_triton(q, k, v, base_t, len_t, D ** -0.5, bound, num_parts=num_parts, out=out2, mass=mass)
+    assert torch.equal(out2, out), "asking for the mass must not change the attention output"
+    G = H // Hkv
+    for b, (base, n) in enumerate(zip(bases, lens)):
+        logits = q[b].float().view(Hkv, G, D) @ k[base:base + n].float().permute(1, 2, 0) * D ** -0.5  # [Hkv, G, n]
+        want[base:base + n] += torch.softmax(logits, dim=-1).sum(1).T
+    torch.testing.assert_close(mass, want, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)
+    ref = before.clone()
+    decode_attention_ref(q, k, v, base_t, len_t, D ** -0.5, mass=ref)
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
+
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -172,8 +187,8 @@ def ops(fused: bool):
         yield
 
 
-def _decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=None):
-    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale)
+def _decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=None, mass=None):
+    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, mass=mass)
     return y if out is None else out.copy_(y)
 
 

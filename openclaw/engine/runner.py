@@ -26,9 +26,12 @@ class DecodeGraph:
 
 
 class Runner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, cuda_graphs: bool = True,
+                 key_mass: torch.Tensor | None = None):
+        """key_mass: BatchMeta.key_mass of every step (the compressor's realized-attention accumulator), or None."""
         self.model = model
         self.pool = pool
+        self.key_mass = key_mass
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}  # (slot base, bucket) -> graph
@@ -71,7 +74,8 @@ class Runner:
         else:
             spans = tensor([s[2] for s in seqs] + [s[3] for s in seqs])  # decode attention reads slot ranges here
             meta = BatchMeta(slot_mapping=tensor(slots), seqs=seqs, sample_idx=tensor(sample_rows),
-                             query_tap=query_tap, slot_base=spans[:len(seqs)], kv_valid=spans[len(seqs):])
+                             query_tap=query_tap, slot_base=spans[:len(seqs)], kv_valid=spans[len(seqs):],
+                             key_mass=self.key_mass)
             logits = self.model(tensor(ids), tensor(positions), meta, self.pool.k, self.pool.v)
         return logits, samplers
 
@@ -91,7 +95,8 @@ class Runner:
     def _capture(self, base: int, bucket: int, inputs: torch.Tensor) -> DecodeGraph:
         meta = BatchMeta(slot_mapping=inputs[2:3], seqs=[(0, 1, base, bucket)],
                          sample_idx=torch.zeros(1, dtype=torch.long, device=self.device), kv_valid=inputs[3:4],
-                         slot_base=torch.full((1,), base, dtype=torch.long, device=self.device))
+                         slot_base=torch.full((1,), base, dtype=torch.long, device=self.device),
+                         key_mass=self.key_mass)
 
         def forward() -> torch.Tensor:
             return self.model(inputs[0:1], inputs[1:2], meta, self.pool.k, self.pool.v)
