@@ -57,23 +57,27 @@ class SamplingParams:
 
 
 QUANTIZE = ("auto", "none", "nf4")  # what --quantize accepts; see EngineConfig.quantize
-POLICIES = ("full", "streaming", "snapkv", "rkv", "h2o", "triattention")
+POLICIES = ("auto", "full", "streaming", "snapkv", "rkv", "h2o", "triattention")
 TRI_TERMS = ("both", "trig", "norm")
+TRI_SELECT = ("per_head", "union", "per_layer_perhead")
 
 
 @dataclass
 class EvictionConfig:
     """How a sequence's KV cache is kept within a budget (TRIATTENTION.md sections 4 and 7).
 
-    When a sequence's cache reaches budget + divide_length tokens it is compressed back to exactly budget.
+    When a sequence's cache reaches budget + divide_length tokens it is compressed back to exactly budget. `auto`
+    (the default) runs full attention while a sequence fits its KV range (its whole length, at most the pool) and
+    TriAttention with online statistics once it would overflow; for_range makes a setting concrete for a range.
     """
 
-    policy: str = "full"  # full (never evict), streaming, snapkv, rkv, h2o, triattention
-    budget: int = 2048  # KV entries kept per sequence (per layer, per KV head), prompt included
+    # auto; full (never evict); streaming, snapkv, rkv, h2o, triattention (evict from the first overflow of the budget)
+    policy: str = "auto"
+    budget: int | None = None  # KV entries kept per sequence, prompt included; None: the KV range less divide_length
     divide_length: int = 128  # compress when the cache reaches budget + divide_length
-    pin_prompt: bool = True  # prompt tokens are never evicted
-    protect_recent: int = 128  # the most recent tokens are never evicted
-    stats: str | None = None  # triattention: a calibration stats file, or "auto" (online running means)
+    pin_prompt: bool = True  # prompt tokens are never evicted (auto: when the prompt fits in a quarter of the budget)
+    protect_recent: int = 128  # the most recent tokens are never evicted (auto: at most a quarter of the budget)
+    stats: str | None = None  # triattention, auto: a stats file (openclaw calibrate --out), or None / "auto": online
     tri_terms: str = "both"  # triattention ablations: both, trig (distance series only), norm (key-norm term only)
     sinks: int = 4  # streaming: attention-sink tokens kept at the start
     window: int = 8  # snapkv / rkv: recent queries whose attention scores the cache
@@ -81,24 +85,54 @@ class EvictionConfig:
     rkv_lambda: float = 0.1  # rkv: score = lambda * importance - (1 - lambda) * redundancy
     rkv_threshold: float = 0.5  # rkv: key cosine similarity above which two tokens count as copies
     seed: int = 0  # triattention: seed of the 1e-6 tie-breaking noise
+    # triattention: per_head (one keep set per KV head for all layers, the paper's), or the reference's union (one
+    # for everything) and per_layer_perhead (one per layer and KV head)
+    tri_select: str = "per_head"
+    disable_mlr: bool = False  # triattention ablation (the reference's): norm term weighted by A_f, not A_f - |mu_f|
+    tri_mass: float = 0.0  # triattention: weight of the realized-attention term (z of log accumulated attention)
 
     def __post_init__(self) -> None:
         _check(self.policy in POLICIES, f"eviction policy {self.policy!r} must be one of {', '.join(POLICIES)}")
         _check(self.divide_length >= 1, f"divide_length {self.divide_length} must be >= 1")
         _check(self.protect_recent >= 0, f"protect_recent {self.protect_recent} must be >= 0")
-        _check(self.budget > max(self.protect_recent, self.sinks, self.window),
-               f"kv budget {self.budget} must exceed protect_recent {self.protect_recent}, sinks {self.sinks} and "
-               f"window {self.window}; raise the budget or lower --protect-recent")
+        _check(self.budget is None or self.budget >= 1, f"kv budget {self.budget} must be >= 1")
+        if self.budget is not None and self.policy != "auto":  # auto fits its recent window to the budget
+            _check(self.budget > max(self.protect_recent, self.sinks, self.window),
+                   f"kv budget {self.budget} must exceed protect_recent {self.protect_recent}, sinks {self.sinks} and "
+                   f"window {self.window}; raise the budget or lower --protect-recent")
         _check(self.tri_terms in TRI_TERMS, f"tri_terms {self.tri_terms!r} must be one of {', '.join(TRI_TERMS)}")
+        _check(self.tri_select in TRI_SELECT,
+               f"tri_select {self.tri_select!r} must be one of {', '.join(TRI_SELECT)}")
+        _check(self.tri_mass >= 0, f"tri_mass {self.tri_mass} must be >= 0")
         _check(self.window >= 1 and self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
                f"window {self.window} must be >= 1 and pool_kernel {self.pool_kernel} odd")
         _check(0 <= self.rkv_lambda <= 1, f"rkv_lambda {self.rkv_lambda} must be in [0, 1]")
-        _check(self.policy != "triattention" or self.stats is not None,
-               "the triattention policy needs --stats FILE (from `openclaw calibrate`) or --stats auto")
 
     @property
     def evicts(self) -> bool:
         return self.policy != "full"
+
+    @property
+    def scorer(self) -> str:
+        """The policy that scores when this setting evicts (auto evicts with TriAttention)."""
+        return "triattention" if self.policy == "auto" else self.policy
+
+    @property
+    def online(self) -> bool:
+        """Whether TriAttention runs on online statistics (no stats file)."""
+        return self.scorer == "triattention" and self.stats in (None, "auto")
+
+    def for_range(self, slots: int) -> "EvictionConfig":
+        """This setting made concrete for sequences whose KV range is `slots` slots: an unset budget becomes
+        slots - divide_length; auto also keeps its recent window within a quarter of the budget, and is full
+        attention where the range is under two divide_lengths (too small to evict into)."""
+        if not self.evicts or (self.policy == "auto" and self.budget is None and slots < 2 * self.divide_length):
+            return replace(self, policy="full") if self.evicts else self
+        budget = self.budget if self.budget is not None else slots - self.divide_length
+        _check(budget >= 1, f"a KV range of {slots} slots leaves no budget beside divide_length {self.divide_length}; "
+                            "give --kv-budget or a larger --kv-tokens")
+        protect = min(self.protect_recent, budget // 4) if self.policy == "auto" else self.protect_recent
+        return replace(self, budget=budget, protect_recent=protect)
 
 
 @dataclass
@@ -120,7 +154,7 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens per forward step (prefill is chunked to fit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     threads: int | None = None  # CPU threads for torch; None = torch's default
-    evict: EvictionConfig = field(default_factory=EvictionConfig)  # KV eviction (default: none)
+    evict: EvictionConfig = field(default_factory=EvictionConfig)  # KV eviction (default: auto)
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

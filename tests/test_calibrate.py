@@ -10,8 +10,10 @@ from tiny_models import make_hf_model, quantized_copy
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
 from openclaw.engine.engine import Engine
 from openclaw.errors import OpenClawError
-from openclaw.evict.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
+from openclaw.evict.calibrate import calibrate, concentration
 from openclaw.evict.evictor import TriStats
+from openclaw.evict.query_stats import QueryStats, StatsTap, load_sums, running_path, save_sums
+from openclaw.evict.stats_file import load_stats, save_stats
 from openclaw.weights.loader import load_model
 
 OMEGA = 1.0 / 1e4 ** (torch.arange(0, 24, 2).float() / 24)
@@ -65,50 +67,86 @@ def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
     torch.testing.assert_close(lp, lp_ref, rtol=1e-4, atol=1e-4)
 
 
+def meta(L=3, H=4, D=24, q_norm=False) -> dict:
+    """model_metadata of a model of these shapes (its RoPE: OMEGA, theta 1e4)."""
+    return {"model_name": "tiny", "num_layers": L, "num_attention_heads": H, "num_key_value_heads": 2, "head_dim": D,
+            "rope_style": "half", "rotary_dim": D, "rope_theta": 1e4, "rope_type": "default",
+            "inv_freq": OMEGA.tolist()[:D // 2], "query_capture": "rope_input", "q_norm": q_norm}
+
+
+def reference_payload(s: TriStats, heads, **metadata) -> dict:
+    """A file as the reference's calibrate script writes it: sampled_heads, head_dim, rope_style, no model shapes."""
+    md = {"sampled_heads": [list(h) for h in heads], "head_dim": 24, "rope_style": "half", "model_name": "their-model",
+          "rope_type": "default", "dtype": "bfloat16"} | metadata
+    return {"metadata": md, "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": s.mu_re[layer, h],
+                                                                        "q_mean_imag": s.mu_im[layer, h],
+                                                                        "q_abs_mean": s.a_mean[layer, h]}
+                                      for layer, h in heads}}
+
+
 def test_stats_file_round_trips(tmp_path):
     s = random_stats()
-    save_stats(tmp_path / "s.pt", s, "tiny", num_kv_heads=2, tokens=100)
-    got = load_stats(tmp_path / "s.pt", 3, 4, 24, OMEGA)
+    save_stats(tmp_path / "s.pt", s, meta(), tokens=100)
+    got = load_stats(tmp_path / "s.pt", meta(), OMEGA)
     for a, b in zip((got.mu_re, got.mu_im, got.a_mean), (s.mu_re, s.mu_im, s.a_mean)):
         assert torch.equal(a, b)
+    assert got.heads is None
     data = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert data["metadata"]["sampled_heads"][5] == [1, 1] and data["metadata"]["rope_style"] == "half"
+    md = data["metadata"]
+    assert md["sampled_heads"][5] == [1, 1] and md["rope_style"] == "half" and md["calibration_tokens"] == 100
+    assert md["query_capture"] == "rope_input" and md["rope_theta"] == 1e4 and len(md["inv_freq"]) == 12
     assert set(data["stats"]["layer02_head03"]) == {"q_mean_real", "q_mean_imag", "q_abs_mean"}
 
 
-def test_reference_plugin_files_load(tmp_path):
-    """Their files carry only sampled_heads, head_dim, rope_style and model_name (no layer or head counts)."""
+def test_reference_plugin_files_load(tmp_path, caplog):
+    """Their files carry only sampled_heads, head_dim, rope_style and model_name (no shapes, RoPE or capture point):
+    they load; for a model with q_norm (Qwen3) with a warning, as their calibrate script captures before q_norm."""
     s = random_stats(L=2, H=2)
-    payload = {"metadata": {"sampled_heads": [[0, 0], [0, 1], [1, 0], [1, 1]], "head_dim": 24, "rope_style": "half",
-                            "model_name": "their-model"},
-               "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": s.mu_re[layer, h], "q_mean_imag": s.mu_im[layer, h],
-                                                         "q_abs_mean": s.a_mean[layer, h]}
-                         for layer in range(2) for h in range(2)}}
-    torch.save(payload, tmp_path / "ref.pt")
-    got = load_stats(tmp_path / "ref.pt", 2, 2, 24, OMEGA)
-    assert torch.equal(got.mu_im, s.mu_im)
+    torch.save(reference_payload(s, [(0, 0), (0, 1), (1, 0), (1, 1)]), tmp_path / "ref.pt")
+    with caplog.at_level("WARNING"):
+        got = load_stats(tmp_path / "ref.pt", meta(L=2, H=2), OMEGA)
+    assert torch.equal(got.mu_im, s.mu_im) and not caplog.records
+    with caplog.at_level("WARNING"):
+        load_stats(tmp_path / "ref.pt", meta(L=2, H=2, q_norm=True), OMEGA)
+    assert len(caplog.records) == 1 and "before q_norm" in caplog.records[0].getMessage()
+
+
+def test_partial_head_files_load_with_the_heads_marked(tmp_path):
+    """A reference file that covers a subset of heads (`sampled_heads`) loads; the others are marked missing."""
+    s = random_stats(L=2, H=4)
+    torch.save(reference_payload(s, [(0, 1), (1, 0), (1, 3)]), tmp_path / "ref.pt")
+    got = load_stats(tmp_path / "ref.pt", meta(L=2, H=4), OMEGA)
+    assert got.heads.tolist() == [[False, True, False, False], [True, False, False, True]]
+    assert torch.equal(got.mu_re[1, 3], s.mu_re[1, 3]) and got.mu_re[0, 0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("shape, match", [((3, 4, 32), "head_dim"), ((3, 8, 24), "num_attention_heads"),
                                           ((5, 4, 24), "num_layers")])
 def test_stats_of_another_model_are_refused(tmp_path, shape, match):
-    save_stats(tmp_path / "s.pt", random_stats(), "tiny", num_kv_heads=2, tokens=100)
+    save_stats(tmp_path / "s.pt", random_stats(), meta(), tokens=100)
     with pytest.raises(OpenClawError, match=match):
-        load_stats(tmp_path / "s.pt", *shape, OMEGA)
+        load_stats(tmp_path / "s.pt", meta(*shape), OMEGA)
 
 
-def test_reference_file_with_other_head_count_is_refused(tmp_path):
+def test_stats_of_other_rope_are_refused(tmp_path):
+    save_stats(tmp_path / "s.pt", random_stats(), meta(), tokens=100)
+    other = meta() | {"inv_freq": (OMEGA * 2).tolist()}
+    with pytest.raises(OpenClawError, match="RoPE frequencies"):
+        load_stats(tmp_path / "s.pt", other, OMEGA)
     s = random_stats(L=1, H=2)
-    payload = {"metadata": {"sampled_heads": [[0, 0], [0, 1]], "head_dim": 24, "rope_style": "half"},
-               "stats": {f"layer00_head{h:02d}": {"q_mean_real": s.mu_re[0, h], "q_mean_imag": s.mu_im[0, h],
-                                                  "q_abs_mean": s.a_mean[0, h]} for h in range(2)}}
-    torch.save(payload, tmp_path / "ref.pt")
-    with pytest.raises(OpenClawError, match="covers 2"):
-        load_stats(tmp_path / "ref.pt", 1, 4, 24, OMEGA)
-    payload["metadata"]["rope_style"] = "interleaved"
-    torch.save(payload, tmp_path / "ref.pt")
+    torch.save(reference_payload(s, [(0, 0), (0, 1)], rope_theta=5e5), tmp_path / "ref.pt")
+    with pytest.raises(OpenClawError, match="rope_theta"):
+        load_stats(tmp_path / "ref.pt", meta(L=1, H=2), OMEGA)
+
+
+def test_reference_file_outside_the_model_or_other_layout_is_refused(tmp_path):
+    s = random_stats(L=1, H=2)
+    torch.save(reference_payload(s, [(0, 0), (0, 1)]), tmp_path / "ref.pt")
+    with pytest.raises(OpenClawError, match="outside this model"):
+        load_stats(tmp_path / "ref.pt", meta(L=1, H=1), OMEGA)
+    torch.save(reference_payload(s, [(0, 0), (0, 1)], rope_style="interleaved"), tmp_path / "ref.pt")
     with pytest.raises(OpenClawError, match="interleaved"):
-        load_stats(tmp_path / "ref.pt", 1, 2, 24, OMEGA)
+        load_stats(tmp_path / "ref.pt", meta(L=1, H=2), OMEGA)
 
 
 class Payload:
@@ -120,9 +158,9 @@ def test_files_that_need_code_to_load_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"metadata": Payload()}, f, protocol=2)
     with pytest.raises(OpenClawError, match="not a loadable stats file"):
-        load_stats(tmp_path / "evil.pt", 3, 4, 24, OMEGA)
+        load_stats(tmp_path / "evil.pt", meta(), OMEGA)
     with pytest.raises(OpenClawError, match="does not exist"):
-        load_stats(tmp_path / "missing.pt", 3, 4, 24, OMEGA)
+        load_stats(tmp_path / "missing.pt", meta(), OMEGA)
 
 
 def test_concentration_report():
@@ -177,3 +215,39 @@ def test_smollm2_stats_are_stable_across_texts(smol_model_dir):
     cos = torch.nn.functional.cosine_similarity(mu_a, mu_b, dim=-1)  # [L, H]
     assert cos.median() > 0.9, f"median cosine {cos.median():.3f}"
     assert concentration(a).overall_share > 0.3
+
+
+def test_online_statistics_persist_and_warm_start_the_next_session(tmp_path):
+    """An engine with eviction on saves its online sums (fp64, with the token count) when closed; the next engine of
+    the model starts from them and adds to them."""
+    make_hf_model("qwen3", tmp_path / "m")
+    ids = torch.randint(0, 128, (120,), generator=torch.Generator().manual_seed(0)).tolist()
+    config = EngineConfig(device="cpu", dtype="float32", kv_tokens=1024, cache_dir=tmp_path / "cache")
+    first = Engine(tmp_path / "m", config)
+    assert first.evict.policy == "auto" and first.compressor.online.tokens == 0
+    first.generate([ids], SamplingParams(max_tokens=1, temperature=0))
+    first.close()
+    path = running_path(tmp_path / "cache", "m")
+    saved = torch.load(path, weights_only=True)
+    assert saved["re"].dtype == torch.float64 and saved["metadata"]["tokens"] == len(ids)
+    second = Engine(tmp_path / "m", config)
+    warm = second.compressor.online
+    assert warm.tokens == len(ids)
+    for a, b in ((warm.re, first.compressor.online.re), (warm.abs, first.compressor.online.abs)):
+        assert torch.equal(a, b)
+    second.generate([ids[:50]], SamplingParams(max_tokens=1, temperature=0))
+    second.close()
+    assert torch.load(path, weights_only=True)["metadata"]["tokens"] == len(ids) + 50
+
+
+def test_persisted_sums_of_another_model_are_ignored(tmp_path, caplog):
+    qs = QueryStats(3, 4, 24)
+    qs.update(0, torch.randn(5, 4, 24))
+    save_sums(tmp_path / "s.pt", qs, meta())
+    assert load_sums(tmp_path / "s.pt", meta()).tokens == 0  # layers 1 and 2 saw nothing yet
+    assert torch.equal(load_sums(tmp_path / "s.pt", meta()).re, qs.re)
+    with caplog.at_level("WARNING"):
+        assert load_sums(tmp_path / "s.pt", meta(L=5)) is None
+        assert load_sums(tmp_path / "s.pt", meta() | {"inv_freq": (OMEGA * 3).tolist()}) is None
+    assert len(caplog.records) == 2 and "starting cold" in caplog.records[0].getMessage()
+    assert load_sums(tmp_path / "missing.pt", meta()) is None

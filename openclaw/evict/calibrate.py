@@ -1,14 +1,12 @@
-"""TriAttention calibration: pre-RoPE query statistics per (layer, query head), their file format, and a report.
+"""TriAttention calibration: pre-RoPE query statistics of a model over text or over its own generated traces, and
+the concentration report (TRIATTENTION.md sections 1 and 2).
 
-QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64, so the same object
-serves offline calibration over a text and online statistics (`--stats auto`, running means of the queries the
-model computes anyway). Files use the reference plugin's format (TRIATTENTION.md section 2) and load with
-torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
+Calibration runs the tokens through the engine's scheduler and runner in independent contexts and sums the queries
+the tap sees (openclaw.evict.query_stats). It does not write files (stats_file.py, query_stats.py) or generate
+traces (openclaw.eval.traces).
 """
 
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -17,107 +15,8 @@ from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.runner import Runner
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
-from openclaw.errors import OpenClawError
 from openclaw.evict.evictor import TriStats
-
-ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout)
-
-
-class QueryStats:
-    """Running sums of q_f, |q_f| over tokens, per (layer, query head, band); means on demand."""
-
-    def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu"):
-        self.shape = (num_layers, num_heads, head_dim // 2)
-        self.re = torch.zeros(self.shape, dtype=torch.float64, device=device)
-        self.im = torch.zeros_like(self.re)
-        self.abs = torch.zeros_like(self.re)
-        self.count = torch.zeros(num_layers, dtype=torch.float64)
-
-    def update(self, layer: int, q: torch.Tensor) -> None:
-        """q: [T, H, D] pre-RoPE queries of one layer."""
-        half = q.shape[-1] // 2
-        re, im = q[..., :half].double(), q[..., half:].double()
-        self.re[layer] += re.sum(0).to(self.re.device)
-        self.im[layer] += im.sum(0).to(self.re.device)
-        self.abs[layer] += torch.sqrt(re * re + im * im).sum(0).to(self.re.device)
-        self.count[layer] += q.shape[0]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.count.min())
-
-    def tri_stats(self, omega: torch.Tensor) -> TriStats:
-        if self.tokens == 0:
-            raise OpenClawError("no queries seen yet: online statistics are empty")
-        c = self.count.to(self.re.device)[:, None, None]
-        return TriStats((self.re / c).float(), (self.im / c).float(), (self.abs / c).float(), omega.float())
-
-
-def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int) -> None:
-    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}."""
-    L, H, F = stats.mu_re.shape
-    payload = {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)],
-                            "head_dim": 2 * F, "rope_style": ROPE_STYLE, "model_name": model_name,
-                            "num_layers": L, "num_attention_heads": H, "num_key_value_heads": num_kv_heads,
-                            "calibration_tokens": tokens},
-               "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": stats.mu_re[layer, h].cpu().contiguous(),
-                                                            "q_mean_imag": stats.mu_im[layer, h].cpu().contiguous(),
-                                                            "q_abs_mean": stats.a_mean[layer, h].cpu().contiguous()}
-                         for layer in range(L) for h in range(H)}}
-    torch.save(payload, path)
-
-
-def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor) -> TriStats:
-    """Read a stats file (ours or the reference plugin's) for a model of these shapes; refuse any mismatch."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise OpenClawError(f"stats file {path} does not exist; make one with `openclaw calibrate`")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # incl. files needing code
-        raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {e})")
-    if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
-        raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
-    meta = data["metadata"]
-    name = meta.get("model_name", "?")
-    if meta.get("head_dim") != head_dim:
-        raise OpenClawError(f"{path} was calibrated for head_dim {meta.get('head_dim')} ({name}) but this model has "
-                            f"head_dim {head_dim}; calibrate this model with `openclaw calibrate`")
-    if meta.get("rope_style", ROPE_STYLE) != ROPE_STYLE:
-        raise OpenClawError(f"{path} pairs RoPE dims as {meta.get('rope_style')!r}; this model uses {ROPE_STYLE!r}")
-    for key, ours in (("num_layers", num_layers), ("num_attention_heads", num_heads)):
-        if key in meta and meta[key] != ours:
-            raise OpenClawError(f"{path} has {key} {meta[key]} ({name}) but this model has {ours}; "
-                                "it comes from a different model")
-    heads = {(int(layer), int(h)) for layer, h in meta.get("sampled_heads", [])}
-    wanted = {(layer, h) for layer in range(num_layers) for h in range(num_heads)}
-    if heads != wanted:
-        extra = sorted(heads - wanted)[:3]
-        raise OpenClawError(f"{path} covers {len(heads)} (layer, head) pairs but this model has {len(wanted)} "
-                            f"({num_layers} layers x {num_heads} query heads)"
-                            + (f"; e.g. {extra} do not exist here" if extra else "") + ": a different model?")
-    F = head_dim // 2
-    out = torch.zeros(3, num_layers, num_heads, F)
-    for layer, h in wanted:
-        entry = data["stats"].get(f"layer{layer:02d}_head{h:02d}")
-        if entry is None:
-            raise OpenClawError(f"{path} lists layer {layer} head {h} but has no stats for it")
-        for i, field in enumerate(("q_mean_real", "q_mean_imag", "q_abs_mean")):
-            x = torch.as_tensor(entry[field]).float().flatten()
-            if x.numel() != F:
-                raise OpenClawError(f"{path}: {field} of layer {layer} head {h} has {x.numel()} bands, expected {F}")
-            out[i, layer, h] = x
-    return TriStats(out[0], out[1], out[2], omega.float())
-
-
-class StatsTap:
-    """A BatchMeta.query_tap that feeds every layer's pre-RoPE queries to a QueryStats."""
-
-    def __init__(self, stats: QueryStats, num_layers: int):
-        self.stats, self.num_layers, self.calls = stats, num_layers, 0
-
-    def __call__(self, q_pre: torch.Tensor, q_post: torch.Tensor) -> None:
-        self.stats.update(self.calls % self.num_layers, q_pre)
-        self.calls += 1
+from openclaw.evict.query_stats import QueryStats, StatsTap
 
 
 @torch.inference_mode()

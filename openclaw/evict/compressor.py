@@ -1,10 +1,13 @@
-"""The KV compression loop: when a budgeted sequence's cache reaches budget + divide_length tokens, score it
-(openclaw.evict.evictor), compact its pool slots (kernels/kv_compact) and carry per-sequence state across evictions.
+"""The eviction loop: when a sequence's cache reaches budget + divide_length, score it (openclaw.evict.evictor),
+compact its pool slots (kernels/kv_compact) and carry per-sequence state across evictions.
 
-It owns the query tap that collects what the policies need from the forward: the last W post-RoPE queries
-(snapkv, rkv), the attention each cached token has received (h2o: recomputed from the queries, one extra QK^T of
-the step), and online query statistics (triattention with --stats auto). It does not decide what runs or change a
-sequence (the scheduler does: Scheduler.compacted after each eviction) and does not score (the evictor does).
+It owns what the policies need from the forward: the attention each cached key has received (`mass`, pool-shaped,
+added to by the attention itself through BatchMeta.key_mass: h2o, TriAttention's attention term), and the query tap
+for the last W post-RoPE queries (snapkv, rkv) and online query statistics (TriAttention without a stats file).
+Online statistics are fed by every step that runs eagerly anyway (a prefill chunk) and by every step of a sequence
+that can outgrow its slots; a decode step of sequences that fit runs untapped (on a GPU: a CUDA graph).
+It does not decide what runs or change a sequence (the scheduler does: Scheduler.compacted after each eviction)
+and does not score (the evictor does).
 """
 
 from collections.abc import Callable
@@ -16,51 +19,65 @@ import torch
 from openclaw.config import EvictionConfig
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.sequence import Sequence
-from openclaw.evict.calibrate import QueryStats, load_stats
 from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices
+from openclaw.evict.query_stats import QueryStats
+from openclaw.evict.stats_file import load_stats, model_metadata
 from openclaw.kernels.kv_compact import kv_compact
 
 
 @dataclass
 class _SeqState:
     queries: torch.Tensor | None = None  # [L, W, H, D] post-RoPE queries of the last W tokens
-    attention: torch.Tensor | None = None  # [L, Hkv, capacity] attention received, carried through evictions
 
 
 class Compressor:
     def __init__(self, cfg: EvictionConfig, pool: KVPool, num_heads: int, omega: torch.Tensor,
-                 stats: TriStats | None = None):
-        """omega: [D/2] the model's RoPE inverse frequencies; stats: offline TriAttention statistics."""
+                 stats: TriStats | None = None, online: QueryStats | None = None):
+        """cfg: a concrete setting (EvictionConfig.for_range); omega: [D/2] the model's RoPE inverse frequencies;
+        stats: offline TriAttention statistics; online: the running sums online statistics continue (a warm start,
+        updated in place), None to start from zero."""
         self.cfg, self.pool = cfg, pool
         self.L, _, self.hkv, self.D = pool.k.shape
         self.H = num_heads
         self.omega = omega.float().cpu()
         self.stats = stats.to(pool.k.device) if stats is not None else None
-        online = cfg.policy == "triattention" and cfg.stats == "auto"
-        self.online = QueryStats(self.L, num_heads, self.D, pool.k.device) if online else None
+        self.online = None
+        if cfg.evicts and cfg.online:
+            self.online = online if online is not None else QueryStats(self.L, num_heads, self.D, pool.k.device)
+        # [L, S, Hkv] attention each slot's key has received, carried through compactions (BatchMeta.key_mass)
+        self.mass = torch.zeros(self.L, pool.num_slots, self.hkv, device=pool.k.device) if self.wants_attention \
+            else None
         self.states: dict[int, _SeqState] = {}
         self.evictions = 0
 
     @classmethod
-    def for_model(cls, cfg: EvictionConfig, model: torch.nn.Module, pool: KVPool) -> "Compressor":
-        mc = model.config
+    def for_model(cls, cfg: EvictionConfig, model: torch.nn.Module, pool: KVPool,
+                  online: QueryStats | None = None) -> "Compressor":
         stats = None
-        if cfg.policy == "triattention" and cfg.stats != "auto":
-            stats = load_stats(Path(cfg.stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim,
-                               model.rope.inv_freq)
-        return cls(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
+        if cfg.evicts and cfg.scorer == "triattention" and not cfg.online:
+            stats = load_stats(Path(cfg.stats), model_metadata(model, ""), model.rope.inv_freq)
+        return cls(cfg, pool, model.config.num_attention_heads, model.rope.inv_freq, stats, online)
+
+    @property
+    def wants_attention(self) -> bool:
+        return self.cfg.evicts and (self.cfg.scorer == "h2o" or (self.cfg.scorer == "triattention" and
+                                                                   self.cfg.tri_mass > 0))
 
     def tap(self, batch: list[tuple[Sequence, int]]) -> Callable | None:
-        """A BatchMeta.query_tap for this step, or None when no policy needs the queries."""
-        wants = self.cfg.policy in ("snapkv", "rkv", "h2o")
-        if not (wants or self.online):
-            return None
+        """A BatchMeta.query_tap for this step, or None when nothing needs the queries. (Also clears the attention
+        mass of a sequence's slots before its first step: they held another sequence's.)"""
+        wants = self.cfg.evicts and self.cfg.scorer in ("snapkv", "rkv")
         rows, t = [], 0
         for seq, n in batch:
+            if self.mass is not None and seq.num_computed == 0:
+                self.mass[:, seq.slot_base:seq.slot_base + seq.capacity] = 0
             if wants and seq.kv_budget is not None:
                 rows.append((t, n, seq))
             t += n
-        return _QueryTap(self, rows)
+        feed = self.online is not None and any(n > 1 or seq.bounded for seq, n in batch)
+        if not (rows or feed):
+            return None
+        return _QueryTap(self, rows, feed)
 
     @staticmethod
     def due(seq: Sequence) -> bool:
@@ -77,17 +94,18 @@ class Compressor:
         """Compress seq's cache to its budget (its kept entries move to the front of its slots); returns the keep
         indices [L, Hkv, budget]. The caller tells the scheduler (Scheduler.compacted)."""
         n, base, budget = seq.kv_len, seq.slot_base, seq.kv_budget
+        assert budget == self.cfg.budget, "every evicting sequence keeps the compressor's budget"
         st = self.states.get(seq.seq_id, _SeqState())
-        attention = st.attention[..., :n] if st.attention is not None else None
-        inp = EvictInputs(keys=self.pool.k[:, base:base + n], t=seq.num_computed,
-                          prompt_cached=min(seq.prompt_len, n), queries=st.queries, attention=attention,
-                          stats=self.tri_stats() if self.cfg.policy == "triattention" else None)
+        attention = self.mass[:, base:base + n].transpose(1, 2) if self.mass is not None else None  # [L, Hkv, n]
+        inp = EvictInputs(keys=self.pool.k[:, base:base + n], t=seq.num_computed, pinned=min(seq.pinned, n),
+                          queries=st.queries, attention=attention,
+                          stats=self.tri_stats() if self.cfg.scorer == "triattention" else None)
         keep = keep_indices(self.cfg, inp)
         kv_compact(self.pool.k, self.pool.v, base, keep)
-        if st.attention is not None:
-            kept = st.attention[..., :n].gather(-1, keep.to(st.attention.device))
-            st.attention.zero_()
-            st.attention[..., :budget] = kept
+        if self.mass is not None:
+            kept = attention.gather(-1, keep.to(attention.device))
+            self.mass[:, base:base + seq.capacity] = 0
+            self.mass[:, base:base + budget] = kept.transpose(1, 2)
         self.evictions += 1
         return keep
 
@@ -96,10 +114,8 @@ class Compressor:
         if st is None:
             dev = self.pool.k.device
             st = self.states[seq.seq_id] = _SeqState()
-            if self.cfg.policy in ("snapkv", "rkv"):
+            if self.cfg.scorer in ("snapkv", "rkv"):
                 st.queries = torch.zeros(self.L, self.cfg.window, self.H, self.D, device=dev)
-            if self.cfg.policy == "h2o":
-                st.attention = torch.zeros(self.L, self.hkv, seq.capacity, device=dev)
         return st
 
     def release(self, seq: Sequence) -> None:
@@ -109,33 +125,17 @@ class Compressor:
 class _QueryTap:
     """Called by each attention layer in order with (pre-RoPE, post-RoPE) queries [T, H, D] of the whole step."""
 
-    def __init__(self, comp: Compressor, rows: list[tuple[int, int, Sequence]]):
-        self.comp, self.rows, self.calls = comp, rows, 0
+    def __init__(self, comp: Compressor, rows: list[tuple[int, int, Sequence]], feed: bool):
+        self.comp, self.rows, self.feed, self.calls = comp, rows, feed, 0
 
     def __call__(self, q_pre: torch.Tensor, q_post: torch.Tensor) -> None:
         comp = self.comp
         layer = self.calls % comp.L
         self.calls += 1
-        if comp.online is not None:
+        if self.feed:
             comp.online.update(layer, q_pre)
         for start, n, seq in self.rows:
             st = comp.state(seq)
             q = q_post[start:start + n].float()
-            if st.queries is not None:
-                w = st.queries.shape[1]
-                st.queries[layer] = q[-w:] if n >= w else torch.cat([st.queries[layer, n:], q])
-            if st.attention is not None:
-                kv = seq.kv_len + n  # the runner counts this step's tokens after the forward
-                keys = comp.pool.k[layer, seq.slot_base:seq.slot_base + kv].float()  # [kv, Hkv, D]
-                st.attention[layer, :, :kv] += _received(q, keys)
-
-
-def _received(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention mass [Hkv, kv] each key receives from queries q [n, H, D] (the last n slots, causal), summed
-    over the queries and over the query heads of each KV head's group."""
-    n, H, D = q.shape
-    kv, hkv = keys.shape[0], keys.shape[1]
-    qg = q.view(n, hkv, H // hkv, D).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
-    logits = qg @ keys.permute(1, 2, 0)[:, None] * D ** -0.5  # [Hkv, G, n, kv]
-    future = torch.arange(kv, device=q.device)[None, :] > torch.arange(kv - n, kv, device=q.device)[:, None]
-    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).sum((1, 2))
+            w = st.queries.shape[1]
+            st.queries[layer] = q[-w:] if n >= w else torch.cat([st.queries[layer, n:], q])

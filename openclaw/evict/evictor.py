@@ -13,51 +13,62 @@ import torch
 import torch.nn.functional as F
 
 from openclaw.config import EvictionConfig
+from openclaw.evict.triattention import head_z, per_head, per_layer, union, zscore
 from openclaw.kernels.tri_score import tri_score
 
 
 @dataclass
 class TriStats:
     """Per (layer, query head) pre-RoPE query statistics: mu = E[q_f] (real, imag) and A = E[|q_f|], [L, H, F] fp32;
-    omega: [F] the model's (scaled) RoPE inverse frequencies."""
+    omega: [F] the model's (scaled) RoPE inverse frequencies; heads: [L, H] bool, which heads have statistics (a
+    reference file may cover a subset, `sampled_heads`; None: all)."""
 
     mu_re: torch.Tensor
     mu_im: torch.Tensor
     a_mean: torch.Tensor
     omega: torch.Tensor
+    heads: torch.Tensor | None = None
 
     def to(self, device) -> "TriStats":
-        return TriStats(*(x.to(device) for x in (self.mu_re, self.mu_im, self.a_mean, self.omega)))
+        heads = None if self.heads is None else self.heads.to(device)
+        return TriStats(*(x.to(device) for x in (self.mu_re, self.mu_im, self.a_mean, self.omega)), heads)
+
+    def sampled(self) -> torch.Tensor:
+        """[L, H] bool: the heads that have statistics."""
+        if self.heads is not None:
+            return self.heads
+        return torch.ones(self.mu_re.shape[:2], dtype=torch.bool, device=self.mu_re.device)
 
 
 @dataclass
 class EvictInputs:
     """What one eviction of one sequence sees. keys: [L, n, Hkv, D] post-RoPE (may be a view of the pool);
     queries: [L, W, H, D] post-RoPE queries of the last W tokens (snapkv, rkv); attention: [L, Hkv, n] attention
-    received so far (h2o); stats (triattention); t: the next token's absolute position; prompt_cached: how many
-    prompt tokens sit at the front of the cache."""
+    received so far (h2o); stats (triattention); t: the next token's absolute position; pinned: how many tokens at the
+    front of the cache are never evicted (the pinned prompt)."""
 
     keys: torch.Tensor
     t: int
-    prompt_cached: int = 0
+    pinned: int = 0
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     stats: TriStats | None = None
 
 
-def kept_ends(cfg: EvictionConfig, n: int, prompt_cached: int) -> tuple[int, int]:
+def kept_ends(cfg: EvictionConfig, n: int, pinned: int) -> tuple[int, int]:
     """(front, back): how many of the oldest and of the newest cached tokens are always kept."""
-    front = prompt_cached if cfg.pin_prompt else 0
-    if cfg.policy == "streaming":
+    policy = cfg.scorer
+    front = pinned
+    if policy == "streaming":
         front = max(front, cfg.sinks)
     back = cfg.protect_recent
-    if cfg.policy in ("snapkv", "rkv"):
+    if policy in ("snapkv", "rkv"):
         back = max(back, cfg.window)
-    if cfg.policy == "h2o":
+    if policy == "h2o":
         back = max(back, cfg.budget // 2)
     if front > cfg.budget:
         raise ValueError(f"{front} pinned tokens exceed the budget {cfg.budget}")
-    back = cfg.budget - front if cfg.policy == "streaming" else min(back, cfg.budget - front)
+    back = cfg.budget - front if policy == "streaming" else min(back, cfg.budget - front)
     return min(front, n), min(back, n - front)
 
 
@@ -73,19 +84,29 @@ def select(scores: torch.Tensor, n: int, front: int, back: int, budget: int) -> 
 
 
 def triattention_scores(inp: EvictInputs, cfg: EvictionConfig) -> torch.Tensor:
-    """Raw scores [L, H, n] of every cached key for every query head (post-RoPE form; Triton on the GPU)."""
+    """Raw scores [L, H, n] of every cached key for every query head (post-RoPE form; Triton on the GPU).
+    disable_mlr (the reference's ablation) weighs the norm term by A_f instead of A_f - |mu_f|: the same kernel with
+    A_f + |mu_f| passed as A_f."""
     s = inp.stats
-    return tri_score(inp.keys, s.mu_re, s.mu_im, s.a_mean, s.omega, inp.t, terms=cfg.tri_terms)
+    a_mean = s.a_mean + torch.sqrt(s.mu_re ** 2 + s.mu_im ** 2) if cfg.disable_mlr else s.a_mean
+    return tri_score(inp.keys, s.mu_re, s.mu_im, a_mean, s.omega, inp.t, terms=cfg.tri_terms)
 
 
-def triattention_aggregate(raw: torch.Tensor, num_kv_heads: int, seed: int) -> torch.Tensor:
-    """raw: [L, H, m] candidates' scores -> [Hkv, m]: z-score each (layer, head) row, add seeded 1e-6 noise, max
-    over the query heads of each KV head's group, mean over layers (one keep set per KV head, all layers)."""
-    L, H, m = raw.shape
-    z = (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True, unbiased=False).clamp_min(1e-12)
-    noise = torch.randn(L, H, m, generator=torch.Generator(z.device).manual_seed(seed), device=z.device)
-    z = z + noise * 1e-6
-    return z.view(L, num_kv_heads, H // num_kv_heads, m).amax(2).mean(0)
+def triattention_keep(cfg: EvictionConfig, inp: EvictInputs, front: int, back: int) -> torch.Tensor:
+    """Keep indices [L, Hkv, budget] in cfg.tri_select's mode (openclaw.evict.triattention)."""
+    L, n, hkv, _ = inp.keys.shape
+    z = head_z(triattention_scores(inp, cfg)[..., front:n - back], cfg.seed)
+    heads = inp.stats.sampled()
+    extra = None
+    if cfg.tri_mass and inp.attention is not None:
+        extra = cfg.tri_mass * zscore(torch.log(inp.attention[..., front:n - back] + 1e-6))
+    if cfg.tri_select == "per_layer_perhead":
+        return select(per_layer(z, heads, hkv, extra), n, front, back, cfg.budget)
+    if cfg.tri_select == "union":
+        shared = union(z, heads, cfg.budget - front - back).expand(hkv, -1)
+    else:
+        shared = per_head(z, heads, hkv, extra)
+    return select(shared, n, front, back, cfg.budget)[None].expand(L, -1, -1).contiguous()
 
 
 def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -141,19 +162,18 @@ def keep_indices(cfg: EvictionConfig, inp: EvictInputs) -> torch.Tensor:
     L, n, hkv, _ = inp.keys.shape
     if n <= cfg.budget:
         raise ValueError(f"nothing to evict: {n} cached tokens, budget {cfg.budget}")
-    front, back = kept_ends(cfg, n, inp.prompt_cached)
+    front, back = kept_ends(cfg, n, inp.pinned)
     mid = slice(front, n - back)
-    if cfg.policy == "triattention":
-        shared = triattention_aggregate(triattention_scores(inp, cfg)[..., mid], hkv, cfg.seed)
-        keep = select(shared, n, front, back, cfg.budget)
-        return keep[None].expand(L, -1, -1).contiguous()
-    if cfg.policy == "streaming":
+    policy = cfg.scorer
+    if policy == "triattention":
+        return triattention_keep(cfg, inp, front, back)
+    if policy == "streaming":
         scores = torch.zeros(L, hkv, n, device=inp.keys.device)
-    elif cfg.policy == "snapkv":
+    elif policy == "snapkv":
         scores = snapkv_scores(inp, cfg)
-    elif cfg.policy == "rkv":
+    elif policy == "rkv":
         scores = rkv_scores(inp, cfg)
-    elif cfg.policy == "h2o":
+    elif policy == "h2o":
         scores = inp.attention
     else:
         raise ValueError(f"policy {cfg.policy!r} does not evict")
