@@ -34,7 +34,7 @@ def test_budget_at_least_the_text_equals_full_attention_exactly(tiny):
     ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     base = evict("full", 256, divide_length=32, stats="auto")
     rows = evaluate(model, [ids, ids[::-1]], standard_runs(list(POLICIES), [256], base, ablations=True, online=True))
-    assert len(rows) == 1 + len(EVICTING) + 3
+    assert len(rows) == 1 + len(EVICTING) + 6
     for r in rows:
         assert (r.kl, r.top1, r.evictions) == (0.0, 1.0, 0), r.label
         assert r.ppl == r.ppl_full
@@ -46,7 +46,7 @@ def test_small_budget_evicts_and_changes_the_predictions(tiny, policy):
     ids = torch.randint(0, 128, (160,), generator=torch.Generator().manual_seed(1)).tolist()
     stats = calibrate(model, ids[::-1]).tri_stats(model.rope.inv_freq)
     cfg = evict(policy, 24, stats="offline.pt" if policy == "triattention" else None)
-    full, _ = forced_logprobs(model, ids, EvictionConfig(), start=40)
+    full, _ = forced_logprobs(model, ids, EvictionConfig(policy="full"), start=40)
     ev, count = forced_logprobs(model, ids, cfg, stats, start=40)
     assert count >= 5
     assert full.shape == ev.shape
@@ -127,3 +127,68 @@ def test_engine_evicts_through_the_triton_kernels_on_gpu(tiny, policy):
     seq = engine.generate([prompt], GREEDY)[0]
     assert len(seq.output_ids) == 100 and engine.compressor.evictions >= 5
     assert engine.pool.allocator.num_free == 56
+
+
+def test_auto_is_full_attention_until_the_range_is_full_then_triattention_takes_over(tiny, tmp_path):
+    """--evict auto (the default): a sequence runs exactly as --evict full while it fits its KV range (here the
+    whole 256-slot pool) and is compressed from the step its cache reaches the range, where full attention would
+    have refused it; a sequence that fits never evicts."""
+    prompt = torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    full = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=1024, evict=EvictionConfig("full")))
+    want = full.generate([prompt], params)[0].output_ids
+    cramped = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=256, evict=EvictionConfig("full")))
+    with pytest.raises(OpenClawError, match="KV slots"):
+        cramped.add_request(prompt, params)
+    auto = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=256, cache_dir=tmp_path))
+    assert (auto.evict.scorer, auto.evict.budget, auto.evict.protect_recent) == ("triattention", 128, 32)
+    seq = auto.generate([prompt], params)[0]
+    assert len(seq.output_ids) == 400 and seq.capacity == 256
+    assert seq.first_eviction == 256, "eviction must start exactly when the cache fills the range"
+    assert seq.evictions == auto.compressor.evictions == 1 + (420 - 1 - 256) // 128
+    # the token sampled from the step that filled the range was computed before the compression
+    assert seq.output_ids[:256 - 20 + 1] == want[:256 - 20 + 1]
+    assert seq.output_ids != want, "after eviction the continuation is expected to differ somewhere"
+    roomy = Engine(tiny, EngineConfig(device="cpu", dtype="float32", kv_tokens=1024, cache_dir=tmp_path))
+    seq = roomy.generate([prompt], params)[0]
+    assert seq.output_ids == want and seq.evictions == 0 and roomy.compressor.evictions == 0
+
+
+def test_the_attention_received_comes_from_the_forward_itself(tiny):
+    """BatchMeta.key_mass: prefill chunks and decode steps add, at each key's slot, the attention it received (what
+    H2O accumulates and TriAttention's attention term reads), equal to the softmax of the step's queries written out."""
+    from openclaw.engine.kv_pool import KVPool
+    from openclaw.engine.runner import Runner
+    from openclaw.engine.scheduler import Scheduler
+    from openclaw.engine.sequence import Sequence
+
+    model = load_model(tiny, torch.device("cpu"), torch.float32)
+    mc = model.config
+    ids = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(5)).tolist()
+    pool = KVPool(mc.num_hidden_layers, 80, mc.num_key_value_heads, mc.head_dim, torch.float32, "cpu")
+    mass = torch.zeros(mc.num_hidden_layers, 80, mc.num_key_value_heads)
+    runner = Runner(model, pool, torch.device("cpu"), cuda_graphs=False, key_mass=mass)
+    seq = Sequence(ids[:50], SamplingParams(max_tokens=20, ignore_eos=True), max_len=80)
+    scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=16)  # prefill in chunks of 16
+    scheduler.add(seq)
+    queries = [[] for _ in range(mc.num_hidden_layers)]
+
+    def tap(q_pre, q_post, calls=[0]):
+        queries[calls[0] % mc.num_hidden_layers].append(q_post.clone())
+        calls[0] += 1
+
+    while seq.num_computed < 69:
+        batch = scheduler.schedule()
+        _, seqs = runner.step(batch, tap)
+        scheduler.advance(batch)
+        if seqs:
+            scheduler.postprocess(seqs, [ids[seq.num_tokens]])  # teacher forcing: decode steps of single tokens
+    G = mc.num_attention_heads // mc.num_key_value_heads
+    for layer in (0, mc.num_hidden_layers - 1):
+        q = torch.cat(queries[layer]).unflatten(1, (mc.num_key_value_heads, G))  # [69, Hkv, G, D]
+        k = pool.k[layer, :69]  # [69, Hkv, D]
+        logits = torch.einsum("thgd,shd->hgts", q, k) * mc.head_dim ** -0.5
+        causal = torch.ones(69, 69, dtype=torch.bool).tril()
+        want = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum((1, 2)).T  # [69, Hkv]
+        torch.testing.assert_close(mass[layer, :69], want, rtol=1e-4, atol=1e-5)
+    assert mass[:, 69:].abs().sum() == 0

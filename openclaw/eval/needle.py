@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from openclaw.config import EvictionConfig
-from openclaw.eval.fidelity import forced_logprobs
+from openclaw.eval.fidelity import FULL, forced_logprobs
 from openclaw.evict.evictor import TriStats
+from openclaw.evict.query_stats import QueryStats
 
 NAMES = ["Adelaide", "Bartholomew", "Cornelius", "Dorothea", "Ezekiel", "Florentine", "Gwendolyn", "Horatio",
          "Isadora", "Jedediah", "Leopold", "Millicent", "Octavia", "Percival", "Rosalind", "Thaddeus"]
@@ -51,27 +52,28 @@ def build_cases(tokenizer, filler: list[int], count: int, needle_at: int = 64, d
 
 
 def answer_score(model, context: list[int], answer: list[int], cfg: EvictionConfig,
-                 stats: TriStats | None) -> tuple[float, bool]:
+                 stats: TriStats | None, online: QueryStats | None = None) -> tuple[float, bool]:
     """(log p(answer | context), every answer token is the argmax) under cfg's eviction."""
     ids = context + answer
-    logp, _ = forced_logprobs(model, ids, cfg, stats, start=len(context) - 1)
+    logp, _ = forced_logprobs(model, ids, cfg, stats, start=len(context) - 1, online=online)
     target = torch.tensor(answer)
     return logp.gather(1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
 
 
 def run_needles(model, cases: list[Case], runs: list[tuple[str, EvictionConfig]], stats: TriStats | None = None,
-                progress=None) -> list[dict]:
+                progress=None, online: QueryStats | None = None) -> list[dict]:
     """Per run: exact-match rate and mean answer log-prob with the needle, and on the wrong-name control; the
-    no-needle control is measured once with full attention (eviction cannot add information)."""
+    no-needle control is measured once with full attention: the model's prior for the answer. It is no floor for an
+    evicting run: a partly kept needle can lead to a confident wrong answer, below the prior."""
     rows = []
-    bare = [answer_score(model, c.bare + c.question, c.answer, EvictionConfig(), None)[0] for c in cases]
+    bare = [answer_score(model, c.bare + c.question, c.answer, FULL, None)[0] for c in cases]
     for label, cfg in runs:
         hit, lp, wrong_hit, wrong_lp = 0, 0.0, 0, 0.0
         for i, c in enumerate(cases):
             if progress:
                 progress(f"{label}: case {i + 1}/{len(cases)}")
-            a, ok = answer_score(model, c.haystack + c.question, c.answer, cfg, stats)
-            b, wrong_ok = answer_score(model, c.haystack + c.wrong_question, c.answer, cfg, stats)
+            a, ok = answer_score(model, c.haystack + c.question, c.answer, cfg, stats, online)
+            b, wrong_ok = answer_score(model, c.haystack + c.wrong_question, c.answer, cfg, stats, online)
             hit, lp, wrong_hit, wrong_lp = hit + ok, lp + a, wrong_hit + wrong_ok, wrong_lp + b
         n = len(cases)
         rows.append({"label": label, "policy": cfg.policy, "budget": cfg.budget if cfg.evicts else None,
