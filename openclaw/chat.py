@@ -42,6 +42,7 @@ class TurnStats:
     finish_reason: str = ""
     kv_len: int = 0  # KV entries the answer's sequence held at its end (prompt + answer, less what was evicted)
     kv_capacity: int = 0  # pool slots it owned
+    eviction: str | None = None  # when and how eviction kept the answer within its KV range (LLM.eviction_note)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Chat:
     last: TurnStats = field(default_factory=TurnStats)
     turns: int = 0
     generated: int = 0
+    evicted: bool = False  # the user has been told that eviction started
     _stop: bool = False
 
 
@@ -108,7 +110,7 @@ class Chat:
         prompt could take, at most --max-tokens; with a pinned prompt under eviction, any room at all (the answer's
         KV is evicted)."""
         engine = self.llm.engine
-        ev = engine.config.evict
+        ev = engine.evict
         need = 1 if ev.evicts and ev.pin_prompt else min(self.params.max_tokens, engine.max_new_tokens(0) // 4)
         return engine.max_new_tokens(len(self.llm.chat_ids(self.conversation(), **self._template()))) >= need
 
@@ -148,6 +150,9 @@ class Chat:
             self.err.print("[dim](stopped)[/dim]")
         elif stats.finish_reason == "length":
             self.err.print(f"[dim](stopped at --max-tokens {self.params.max_tokens})[/dim]")
+        if stats.eviction and not self.evicted:
+            self.evicted = True
+            self.err.print(f"[dim]({stats.eviction}; /stats shows it)[/dim]", soft_wrap=True)
         # The assistant turn keeps its reasoning apart: the template decides whether later prompts show it
         # (Qwen3's drops it from turns before the last user message).
         self.messages.append({"role": "assistant", "content": answer.strip(), "reasoning_content": reasoning.strip()})
@@ -177,6 +182,7 @@ class Chat:
                         answer += d.text
                     stats.completion_tokens = len(d.seq.output_ids)
                     stats.kv_len, stats.kv_capacity = d.seq.kv_len, d.seq.capacity
+                    stats.eviction = self.llm.eviction_note(d.seq)
                     if d.finish_reason:
                         stats.finish_reason = d.finish_reason
         finally:
@@ -247,10 +253,9 @@ class Chat:
                           f"decode, first token {s.first_token_s * 1000:.0f} ms, prompt {s.prompt_tokens} tokens")
         table.add_row("session", f"{self.turns} answers, {self.generated} tokens generated")
         table.add_row("context", f"{context} tokens in the conversation; the model takes {engine.max_model_len}")
-        evict = engine.config.evict
-        budget = f", eviction {evict.policy} keeps {evict.budget} per sequence" if evict.evicts else ""
         held = f"the last answer held {s.kv_len} KV entries in its {s.kv_capacity} slots; " if self.turns else ""
-        table.add_row("KV", f"{held}pool of {engine.pool.num_slots} slots{budget}")
+        table.add_row("KV", f"{held}pool of {engine.pool.num_slots} slots")
+        table.add_row("eviction", _eviction(engine) + (f"; last answer: {s.eviction}" if s.eviction else ""))
         table.add_row("memory", _memory(engine))
         params = self.params.with_defaults(engine.sampling_defaults).__dict__
         table.add_row("sampling", ", ".join(f"{k} {v}" for k, v in params.items() if v is not None and v != []
@@ -324,6 +329,17 @@ def _setup_readline(history_file: Path | None):
         if history_file.is_file():
             readline.read_history_file(history_file)
     return readline
+
+
+def _eviction(engine) -> str:
+    ev = engine.evict
+    if not ev.evicts:
+        return "off (full attention; a sequence longer than the pool is refused)"
+    online = engine.compressor.online
+    stats = "" if ev.scorer != "triattention" else (
+        f", online statistics of {online.tokens:,} tokens" if online is not None else f", statistics {ev.stats}")
+    when = "once a sequence outgrows the pool" if ev.policy == "auto" else "from the first overflow"
+    return f"{ev.policy}: {ev.scorer} keeps {ev.budget} entries {when}{stats}"
 
 
 def _memory(engine) -> str:

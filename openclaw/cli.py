@@ -5,6 +5,7 @@ Generated text goes to stdout, everything else (progress, stats, errors) to stde
 one red line and exit code 2.
 """
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -52,9 +53,13 @@ Seed = Annotated[int | None, typer.Option(help="Sampling seed (reproducible outp
 System = Annotated[str | None, typer.Option(help="System message.")]
 Think = Annotated[bool | None, typer.Option("--think/--no-think", help="Qwen3 thinking (default: the template's).")]
 _V = EvictionConfig()
-Evict = Annotated[str, typer.Option(help="KV eviction: full (none), streaming, snapkv, rkv, h2o, triattention.")]
-KvBudget = Annotated[int, typer.Option(help="KV entries kept per sequence when evicting (it owns budget + 128).")]
-EvictStats = Annotated[str | None, typer.Option("--stats", help="TriAttention stats file (openclaw calibrate) or auto.")]
+Evict = Annotated[str, typer.Option(help="KV eviction: auto (full attention while a sequence fits the KV pool, "
+                                         "then TriAttention), full (never evict), streaming, snapkv, rkv, h2o, "
+                                         "triattention.")]
+KvBudget = Annotated[int | None, typer.Option(help="KV entries kept per sequence when evicting (it owns budget + 128; "
+                                                   "default: the pool less 128).")]
+EvictStats = Annotated[str | None, typer.Option("--stats", help="TriAttention stats file (openclaw calibrate --out); "
+                                                                "default: online statistics, kept in the cache.")]
 ProtectRecent = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
 PinPrompt = Annotated[bool, typer.Option("--pin-prompt/--no-pin-prompt", help="Never evict prompt tokens.")]
 app.add_typer(eval_app, name="eval")
@@ -125,22 +130,31 @@ def run(
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     if jsonl is not None:
-        return _run_jsonl(llm, items, params, system, think, think_budget, out_path)
+        try:
+            return _run_jsonl(llm, items, params, system, think, think_budget, out_path)
+        finally:
+            llm.close()
     request = llm.chat_request(_messages(system, text), params, think, think_budget)
     t0 = time.perf_counter()
     first = None
     n = 0
     reason = "?"
-    for d in llm.stream([request]):
-        if first is None:
-            first = time.perf_counter()
-        if d.reasoning:  # thinking is not the answer: stderr, dimmed
-            err.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
-        out.out(d.text, end="")
-        sys.stdout.flush()
-        n, reason = len(d.seq.output_ids), d.finish_reason or reason
+    seq = None
+    try:
+        for d in llm.stream([request]):
+            if first is None:
+                first = time.perf_counter()
+            if d.reasoning:  # thinking is not the answer: stderr, dimmed
+                err.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
+            out.out(d.text, end="")
+            sys.stdout.flush()
+            n, reason, seq = len(d.seq.output_ids), d.finish_reason or reason, d.seq
+    finally:
+        llm.close()
     out.out("")
     end = time.perf_counter()
+    if seq is not None and (note := llm.eviction_note(seq)):
+        err.print(f"[dim]{note}[/dim]", soft_wrap=True)
     decode = f"{(n - 1) / (end - first):.1f} tok/s decode" if first and n > 1 and end > first else ""
     err.print(f"[dim]{len(request.prompt_ids)} prompt tokens, {n} generated ({reason}); "
               f"first token {((first or end) - t0) * 1000:.0f} ms; {decode}[/dim]")
@@ -197,8 +211,11 @@ def chat(
     config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram, quantize)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
-    Chat(llm, params, out, err, system=system, think=think, think_budget=think_budget,
-         history_file=config.cache_dir / "chat_history").run()
+    try:
+        Chat(llm, params, out, err, system=system, think=think, think_budget=think_budget,
+             history_file=config.cache_dir / "chat_history").run()
+    finally:
+        llm.close()
 
 
 @app.command()
@@ -255,6 +272,8 @@ def plan(
 
 
 def main() -> None:
+    # library warnings (a stats file of unknown origin, ignored online statistics) reach the user as one line each
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         app()
     except OpenClawError as e:

@@ -54,6 +54,14 @@ def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | No
     return m, Tokenizer.from_dir(model_dir), model_dir.name
 
 
+def _llm(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int):
+    """An LLM with full attention and a pool of kv_tokens, for generating traces (openclaw.eval.traces)."""
+    from openclaw.llm import LLM
+
+    return LLM(EngineConfig(model=model, device=device, dtype=dtype, cache_dir=cache_dir, vram=vram,
+                            quantize=quantize, kv_tokens=kv_tokens, evict=EvictionConfig(policy="full")))
+
+
 def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
     ids = []
     for p in paths:
@@ -65,12 +73,19 @@ def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
 
 
 def _stats(stats: str | None, model):
-    from openclaw.evict.calibrate import load_stats
+    from openclaw.evict.stats_file import load_stats, model_metadata
 
     if stats is None or stats == "auto":
         return None
-    mc = model.config
-    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim, model.rope.inv_freq)
+    return load_stats(Path(stats), model_metadata(model, ""), model.rope.inv_freq)
+
+
+def _warm(model, name: str, cache_dir: Path):
+    """The online statistics the engine would warm-start from (the cache's, for this model), or None."""
+    from openclaw.evict.query_stats import load_sums, running_path
+    from openclaw.evict.stats_file import model_metadata
+
+    return load_sums(running_path(cache_dir, name), model_metadata(model, name))
 
 
 def _csv(values: str, kind=str) -> list:
@@ -80,35 +95,84 @@ def _csv(values: str, kind=str) -> list:
         raise OpenClawError(f"{values!r} is not a comma-separated list of {kind.__name__}")
 
 
+Generate = Annotated[int | None, typer.Option(help="Generate this many tokens per prompt with full attention and use "
+                                                   "those traces (the model's own output).")]
+Prompts = Annotated[Path | None, typer.Option(help="Prompts for --generate, one per line (default: built-in "
+                                                   "reasoning prompts).")]
+
+
+def _traces(model: str, device: str, dtype: str, cache_dir: Path, vram, quantize, texts: list[str], tokens: int):
+    """(llm, traces): one trace of `tokens` generated tokens per prompt text, with full attention."""
+    from openclaw.eval.traces import generate_traces
+
+    llm = _llm(model, device, dtype, cache_dir, vram, quantize, len(texts) * (tokens + 1024))
+    with err.status(f"generating {len(texts)} traces of {tokens} tokens"):
+        traces = generate_traces(llm, texts, tokens)
+    return llm, traces
+
+
 def calibrate(
     model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name, HF model directory, or .gguf.")],
-    text: Annotated[list[Path], typer.Option(help="Calibration text file(s); repeat the option for several.")],
-    out_path: Annotated[Path, typer.Option("--out", help="Where to write the stats (.pt, reference format).")],
-    tokens: Annotated[int, typer.Option(help="Calibration tokens at most (about 32K is enough).")] = 32768,
+    text: Annotated[list[Path] | None, typer.Option(help="Calibration text file(s); repeat the option.")] = None,
+    generate: Annotated[int | None, typer.Option(help="Calibrate on the model's own generations: this many tokens "
+                                                      "in all, spread over the prompts.")] = None,
+    prompts: Prompts = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write a stats file here (reference format) instead "
+                                                               "of adding to the model's online statistics in the "
+                                                               "cache (what --evict auto warm-starts from).")] = None,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens of --text at most (about 32K is enough).")] = 32768,
     dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
     quantize: Quantize = _E.quantize,
 ):
-    """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
-    from openclaw.evict.calibrate import calibrate as run_calibration
-    from openclaw.evict.calibrate import concentration, save_stats
+    """Capture pre-RoPE query statistics of MODEL over TEXT or its own generations, for TriAttention."""
+    import math
 
-    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
-    ids = _text_ids(tokenizer, text)[:tokens]
-    if len(ids) < 1024:
-        raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
+    from openclaw.eval.traces import read_prompts
+    from openclaw.evict.calibrate import calibrate as run_calibration
+    from openclaw.evict.calibrate import concentration
+    from openclaw.evict.query_stats import QueryStats, load_sums, running_path, save_sums
+    from openclaw.evict.stats_file import model_metadata, save_stats
+
+    if bool(text) == (generate is not None):
+        raise OpenClawError("give --text FILE (repeatable) or --generate N, one of them")
+    if generate is not None and generate < 1:
+        raise OpenClawError(f"--generate {generate} must be >= 1")
     t0 = time.perf_counter()
-    qs = run_calibration(model, ids, CALIBRATION_CONTEXT)
-    stats = qs.tri_stats(model.rope.inv_freq)
-    save_stats(out_path, stats, name, model.config.num_key_value_heads, qs.tokens)
-    report = concentration(stats)
+    if generate is not None:
+        texts = read_prompts(prompts)
+        llm, traces = _traces(model_arg, device, dtype, cache_dir, vram, quantize, texts,
+                              math.ceil(generate / len(texts)))
+        model, name = llm.engine.model, llm.model_dir.name
+    else:
+        model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
+        traces = [_text_ids(tokenizer, text)[:tokens]]
+        if len(traces[0]) < 1024:
+            raise OpenClawError(f"the calibration text has {len(traces[0])} tokens; give at least 1024 (about 32K is "
+                                "best)")
+    mc = model.config
+    qs = QueryStats(mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim)
+    for ids in traces:
+        qs.add(run_calibration(model, ids, CALIBRATION_CONTEXT))
+    meta = model_metadata(model, name)
+    if out_path is not None:
+        save_stats(out_path, qs.tri_stats(model.rope.inv_freq), meta, qs.tokens)
+        where = str(out_path)
+    else:
+        path = running_path(cache_dir, name)
+        if (before := load_sums(path, meta)) is not None:
+            qs.add(before)
+        save_sums(path, qs, meta)
+        where = f"{path} (online statistics, {qs.tokens:,} tokens in all)"
+    report = concentration(qs.tri_stats(model.rope.inv_freq))
     table = Table("layer", "mean R", "heads with dominant-band R > 0.95")
     for layer, (r, share) in enumerate(zip(report.mean_r, report.share_concentrated)):
         table.add_row(str(layer), f"{r:.3f}", f"{share:.0%}")
     out.print(table)
-    err.print(f"[dim]{qs.tokens} tokens in {time.perf_counter() - t0:.0f}s; {report.overall_share:.0%} of heads "
-              f"concentrated; wrote {out_path}[/dim]")
+    err.print(f"[dim]{sum(map(len, traces)):,} tokens in {time.perf_counter() - t0:.0f}s; "
+              f"{report.overall_share:.0%} of heads concentrated; wrote {where}[/dim]", soft_wrap=True)
 
 
+POLICY_LIST = "full,streaming,snapkv,rkv,h2o,triattention,auto"
 # the evals compare policies at budgets down to 128: the serving default window (128 recent tokens) would leave them
 # nothing to choose (docs/triattention.md)
 EVAL_PROTECT_RECENT = 8
@@ -116,49 +180,78 @@ EVAL_PROTECT_RECENT = 8
 
 @eval_app.command()
 def fidelity(
-    text: Annotated[Path, typer.Option(help="Long evaluation text (disjoint from the calibration text).")],
+    text: Annotated[Path | None, typer.Option(help="Long evaluation text (disjoint from the calibration text).")] = None,
+    generate: Generate = None, prompts: Prompts = None,
     model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "128,256,512",
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies (auto: as run/chat/serve ship it, "
+                                               "warm-started from the cache's statistics).")] = POLICY_LIST,
     stats: Stats = None, windows: Annotated[int, typer.Option(help="Windows of the text.")] = 8,
     window_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     score_from: Annotated[int | None, typer.Option(help="First scored position (default: largest budget + "
                                                          "divide_length, where every budget has evicted).")] = None,
     protect_recent: Protect = EVAL_PROTECT_RECENT,
-    ablations: Annotated[bool, typer.Option(help="Add TriAttention trig-only and norm-only.")] = False,
-    online: Annotated[bool, typer.Option(help="Add TriAttention with online statistics (--stats auto).")] = False,
+    ablations: Annotated[bool, typer.Option(help="Add TriAttention's ablations: trig-only, norm-only, union and "
+                                                 "per-layer selection, disable_mlr.")] = False,
+    online: Annotated[bool, typer.Option(help="Add TriAttention with cold online statistics.")] = False,
     json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
 ):
-    """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
+    """Chunked teacher forcing of TEXT (or of the model's own traces) against full attention: KL, top-1 agreement,
+    perplexity per policy/budget; with --generate also how long greedy decoding stays identical to full attention."""
     from openclaw.eval.fidelity import evaluate, standard_runs, text_windows
+    from openclaw.eval.traces import greedy_agreement, read_prompts, trace_prompt
 
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
-    if "triattention" in policy_list and stats is None:
-        raise OpenClawError("--policies triattention needs --stats FILE (openclaw calibrate) or --stats auto")
+    if (text is None) == (generate is None):
+        raise OpenClawError("give --text FILE or --generate N (the model's own traces), one of them")
+    if generate is not None and generate < 1:
+        raise OpenClawError(f"--generate {generate} must be >= 1")
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base, ablations, online)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, window_len)
-    ids = _text_ids(tokenizer, [text])
-    try:
-        wins = text_windows(ids, windows, window_len)
-    except ValueError as e:
-        raise OpenClawError(str(e))
     start = score_from if score_from is not None else max(budget_list) + base.divide_length
+    if text is not None:
+        # the runs advance in lockstep, each on its own pool of window_len slots
+        m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, window_len * (len(runs) + 1))
+        try:
+            wins = text_windows(_text_ids(tokenizer, [text]), windows, window_len)
+        except ValueError as e:
+            raise OpenClawError(str(e))
+    else:
+        texts = read_prompts(prompts)
+        llm, wins = _traces(model, device, dtype, cache_dir, vram, quantize, texts, generate)
+        m, name = llm.engine.model, llm.model_dir.name
+    shortest = min(len(w) for w in wins)
+    if start >= shortest - 1:
+        raise OpenClawError(f"scoring from position {start} leaves nothing to score in {shortest}-token windows; "
+                            "use longer windows (--window-len, --generate) or a smaller --score-from")
+    tri, warm = _stats(stats, m), _warm(m, name, cache_dir)
     t0 = time.perf_counter()
     with err.status("") as status:
-        rows = evaluate(m, wins, runs, _stats(stats, m), start=start, progress=status.update)
-    table = Table("setting", "KL(full||ev)", "top-1", "ppl", "ppl full", "evictions")
+        rows = evaluate(m, wins, runs, tri, start=start, progress=status.update, online=warm)
+        agree = {}
+        if generate is not None:
+            evicting = [(label, cfg) for label, cfg in runs if cfg.evicts]
+            for i, prompt in enumerate(texts):
+                status.update(f"greedy decoding: prompt {i + 1}/{len(texts)}")
+                for label, n in greedy_agreement(m, trace_prompt(llm, prompt), generate, evicting, tri, warm).items():
+                    agree[label] = agree.get(label, 0) + n / len(texts)
+    columns = ["setting", "KL(full||ev)", "top-1", "ppl", "ppl full", "evictions"] + (["greedy agree"] if agree else [])
+    table = Table(*columns)
     for r in rows:
-        table.add_row(r.label, f"{r.kl:.4f}", f"{r.top1:.3f}", f"{r.ppl:.2f}", f"{r.ppl_full:.2f}", str(r.evictions))
+        table.add_row(r.label, f"{r.kl:.4f}", f"{r.top1:.3f}", f"{r.ppl:.2f}", f"{r.ppl_full:.2f}", str(r.evictions),
+                      *([f"{agree.get(r.label, generate):.0f}"] if agree else []))
     out.print(table)
-    err.print(f"[dim]{len(wins)} windows x {window_len} tokens, scored from position {start} "
-              f"({rows[0].tokens} tokens per row); {time.perf_counter() - t0:.0f}s[/dim]")
+    err.print(f"[dim]{len(wins)} windows of {shortest}+ tokens, scored from position {start} ({rows[0].tokens} tokens "
+              f"per row); {time.perf_counter() - t0:.0f}s[/dim]")
     if json_out:
-        meta = {"text": str(text), "windows": windows, "window_len": window_len, "score_from": start,
-                "protect_recent": protect_recent, "stats": stats, "dtype": dtype, "model": model}
-        json_out.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=1))
+        meta = {"text": str(text) if text else None, "generate": generate, "prompts": str(prompts) if prompts else None,
+                "windows": len(wins), "window_len": shortest, "score_from": start, "protect_recent": protect_recent,
+                "stats": stats, "warm_tokens": warm.tokens if warm else 0, "dtype": dtype, "model": model}
+        json_out.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() | ({"greedy_agree": agree.get(r.label)}
+                                                                              if agree else {}) for r in rows]},
+                                       indent=1))
 
 
 @eval_app.command()
@@ -166,7 +259,7 @@ def needle(
     filler: Annotated[Path, typer.Option(help="Filler text for the haystacks.")],
     model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "256,512",
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
+    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = POLICY_LIST,
     stats: Stats = None, cases: Annotated[int, typer.Option(help="Haystacks (names, codes, filler offsets).")] = 8,
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
     protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
@@ -181,11 +274,12 @@ def needle(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024)
+    m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
     with err.status("") as status:
-        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=status.update)
+        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=status.update,
+                           online=_warm(m, name, cache_dir))
     table = Table("setting", "exact", "log p(answer)", "wrong name: exact", "wrong name: log p", "no needle: log p")
     for r in rows:
         table.add_row(r["label"], f"{r['exact']:.2f}", f"{r['logp']:.2f}", f"{r['wrong_name_exact']:.2f}",

@@ -20,6 +20,7 @@ from openclaw.errors import OpenClawError
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 _V = EvictionConfig()
+MODELS_BUDGET = 2048  # the 'evicting' column's budget: the TriAttention paper's default (the engine's follows the pool)
 DEFAULT_CACHE = default_cache_dir()
 CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
 
@@ -77,7 +78,7 @@ def _fit_columns(entry, cap: int, kv_budget: int) -> tuple[str, str]:
 
 def models(
     vram: Annotated[float | None, typer.Option(help="GiB of GPU memory to plan for (default: this GPU's total).")] = None,
-    kv_budget: Annotated[int, typer.Option(help="Eviction budget for the 'with eviction' column.")] = _V.budget,
+    kv_budget: Annotated[int, typer.Option(help="Eviction budget for the 'with eviction' column.")] = MODELS_BUDGET,
     cache_dir: CacheDir = DEFAULT_CACHE,
 ):
     """List the models OpenClaw knows by name, which are downloaded, and which fit --vram (with and without eviction)."""

@@ -72,6 +72,23 @@ class LLM:
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=think)
         return Request(self.tokenizer.encode(text), params, prompt_opens_thinking(text), think_budget)
 
+    def close(self) -> None:
+        """Persist what the session learned (the online eviction statistics); the LLM stays usable."""
+        self.engine.close()
+
+    def eviction_note(self, seq: Sequence) -> str | None:
+        """One line on eviction in seq, for the user: when it started and how it keeps the KV range, or None when
+        seq has not evicted."""
+        if not seq.evictions:
+            return None
+        ev = self.engine.evict
+        online = self.engine.compressor.online
+        stats = "" if ev.scorer != "triattention" else (
+            f"; statistics: online, {online.tokens:,} tokens" if online is not None else f"; statistics: {ev.stats}")
+        name = "TriAttention" if ev.scorer == "triattention" else ev.scorer
+        return (f"KV range of {seq.capacity} slots full after {seq.first_eviction:,} tokens: {name} eviction took "
+                f"over, keeping {ev.budget} entries{stats} ({seq.evictions} compressions so far)")
+
     def streams(self) -> "Streams":
         return Streams(self)
 

@@ -20,6 +20,8 @@ from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
 from openclaw.evict.compressor import Compressor
+from openclaw.evict.query_stats import load_sums, running_path, save_sums
+from openclaw.evict.stats_file import model_metadata
 from openclaw.weights.checkpoint import generation_defaults
 from openclaw.weights.loader import load_model
 
@@ -105,8 +107,16 @@ class Engine:
         self.pool = KVPool(mc.num_hidden_layers, kv_tokens, mc.num_key_value_heads, mc.head_dim, self.dtype,
                            self.device)
         self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens, self.eos_ids)
-        self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
-        self.compressor = Compressor.for_model(config.evict, self.model, self.pool)
+        # the eviction setting made concrete: a sequence's KV range is its whole length, at most the pool
+        self.evict = config.evict.for_range(self.pool.num_slots)
+        self.stats_metadata = model_metadata(self.model, model_dir.name)
+        self.stats_path = running_path(config.cache_dir, model_dir.name)
+        online = None
+        if self.evict.evicts and self.evict.online:  # warm start from earlier sessions' statistics
+            online = load_sums(self.stats_path, self.stats_metadata, self.device)
+        self.compressor = Compressor.for_model(self.evict, self.model, self.pool, online)
+        self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs, self.compressor.mass)
+        self._stats_saved = self.compressor.online.tokens if self.compressor.online is not None else 0
         self.generators: dict[int, torch.Generator] = {}
 
     def max_new_tokens(self, prompt_len: int) -> int:
@@ -114,8 +124,8 @@ class Engine:
         leaves and, without eviction, what the KV pool leaves; 0 when the prompt itself cannot run (too long for
         them, or a pinned prompt over the eviction budget). The one answer to that question: add_request, the
         server's default max_tokens and the chat's trimming of old turns ask it."""
-        ev = self.config.evict
-        if ev.evicts and ev.pin_prompt and prompt_len + ev.protect_recent >= ev.budget:
+        ev = self.evict
+        if ev.evicts and ev.policy != "auto" and ev.pin_prompt and prompt_len + ev.protect_recent >= ev.budget:
             return 0
         room = self.max_model_len - prompt_len
         if not ev.evicts:
@@ -131,14 +141,17 @@ class Engine:
         if n >= self.max_model_len:
             raise OpenClawError(f"the prompt has {n} tokens but the model's context is {self.max_model_len}; "
                                 "shorten it")
-        ev = self.config.evict
+        ev = self.evict
         if self.max_new_tokens(n) == 0 and ev.evicts:
             raise OpenClawError(f"the prompt has {n} tokens; with the prompt pinned it must fit the kv budget "
                                 f"{ev.budget} beside {ev.protect_recent} recent tokens; raise --kv-budget or use "
                                 "--no-pin-prompt")
         params = params.with_defaults(self.sampling_defaults)
+        # auto pins a prompt that leaves half the budget to the rest; a longer one competes like generated tokens
+        pinned = ev.evicts and ev.pin_prompt and (ev.policy != "auto" or n + ev.protect_recent <= ev.budget // 2)
         seq = Sequence(list(prompt_ids), params, max_len=self.max_model_len,
-                       kv_budget=ev.budget if ev.evicts else None, divide_length=ev.divide_length)
+                       kv_budget=ev.budget if ev.evicts else None, divide_length=ev.divide_length,
+                       pinned=n if pinned else 0)
         if seq.slots_needed() > self.pool.num_slots:
             raise OpenClawError(f"the request needs {seq.slots_needed()} KV slots but the pool has "
                                 f"{self.pool.num_slots}; lower max_tokens or raise --kv-tokens")
@@ -186,6 +199,13 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
         self.compressor.release(seq)
+
+    def close(self) -> None:
+        """Persist the online statistics this session added to (the next session of this model warm-starts)."""
+        online = self.compressor.online
+        if online is not None and online.tokens > self._stats_saved:
+            save_sums(self.stats_path, online, self.stats_metadata)
+            self._stats_saved = online.tokens
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
         """Run every prompt to completion in shared batches; sequences in the prompts' order."""

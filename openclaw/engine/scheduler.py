@@ -65,6 +65,9 @@ class Scheduler:
     def compacted(self, seq: Sequence, kv_len: int) -> None:
         """The compressor kept kv_len of seq's cached entries, now at the front of its slots."""
         seq.kv_len = kv_len
+        seq.evictions += 1
+        if seq.first_eviction is None:
+            seq.first_eviction = seq.num_computed
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
         """Append each sampled token; finish sequences that hit eos or their length. Returns the finished ones."""

@@ -33,6 +33,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (eos or stop string), "length", "abort"
     kv_budget: int | None = None  # with eviction: cached tokens kept after each compression
     divide_length: int = 128  # with eviction: compress when the cache reaches kv_budget + divide_length
+    pinned: int = 0  # leading tokens eviction never drops (the prompt, when pinned)
+    evictions: int = 0  # compressions so far
+    first_eviction: int | None = None  # tokens computed when the first compression came
 
     def __post_init__(self) -> None:
         if self.prompt_len is None:
@@ -54,6 +57,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def max_length(self) -> int:
+        """Tokens it can reach: prompt + max_tokens, at most max_len."""
+        return min(self.max_len, self.prompt_len + self.params.max_tokens)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether it can outgrow its slots (and will then be compressed)."""
+        return self.kv_budget is not None and self.max_length > self.kv_budget + self.divide_length
 
     def slots_needed(self) -> int:
         """Pool slots this sequence must own: its whole length, or budget + divide_length when it evicts."""

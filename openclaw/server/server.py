@@ -35,9 +35,11 @@ class Job:
 class EngineLoop(threading.Thread):
     """The one thread that touches the engine: admits queued jobs between steps, steps, and fans deltas out."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, note: Callable[[str], None] = lambda line: None):
+        """note: where the one-time news goes (the first eviction), the server's log."""
         super().__init__(name="openclaw-engine", daemon=True)
-        self.llm = llm
+        self.llm, self.note = llm, note
+        self.evicted = False
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.max_batch = 0  # the most requests decoded together so far (GET /health shows it)
 
@@ -89,6 +91,9 @@ class EngineLoop(threading.Thread):
                 continue
             for d in deltas:
                 jobs[d.index].events.put(d)
+                if not self.evicted and d.seq.evictions:
+                    self.evicted = True
+                    self.note(self.llm.eviction_note(d.seq))
                 if d.finish_reason:
                     del jobs[d.index]
 
@@ -259,7 +264,7 @@ class Server(ThreadingHTTPServer):
 
 def make_server(llm: LLM, api, host: str, port: int, log: Callable[[str], None] = lambda line: None) -> Server:
     """A bound server (port 0 picks a free one: server.server_address) with its engine thread started."""
-    loop = EngineLoop(llm)
+    loop = EngineLoop(llm, log)
     loop.start()
     return Server((host, port), api, loop, log)
 
@@ -271,3 +276,5 @@ def serve_until_interrupted(server: Server) -> None:
         server.loop.stop()
         server.server_close()
         server.loop.join(timeout=5)
+        if not server.loop.is_alive():
+            server.loop.llm.close()  # the engine thread is gone: the statistics are safe to read
