@@ -19,7 +19,8 @@ from openclaw.config import EvictionConfig, SamplingParams
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.sequence import Sequence
 from openclaw.evict.compressor import Compressor
-from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices, triattention_aggregate, triattention_scores
+from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices, triattention_scores
+from openclaw.evict.triattention import head_z, per_head
 
 
 def timed(fn, reps: int) -> float:
@@ -61,7 +62,8 @@ def main() -> None:
     stats = TriStats(mu_re, mu_im, torch.sqrt(mu_re ** 2 + mu_im ** 2) + torch.rand(L, H, D // 2, generator=g), omega)
     cfg = EvictionConfig(policy="triattention", budget=B, divide_length=div, stats="calibrated.pt")
     comp = Compressor(cfg, pool, H, omega, stats)
-    seq = Sequence([0] * 100, SamplingParams(max_tokens=100_000), max_len=10 ** 6, kv_budget=B, divide_length=div)
+    seq = Sequence([0] * 100, SamplingParams(max_tokens=100_000), max_len=10 ** 6, kv_budget=B, divide_length=div,
+                   pinned=100)
     seq.slot_base, seq.capacity, seq.num_computed = 0, n, 30_000
 
     def evict():
@@ -87,7 +89,8 @@ def main() -> None:
     t_score = timed(lambda: tri_score(pool.k[:, :n], s.mu_re, s.mu_im, s.a_mean, s.omega, 30_000), args.reps)
     mid = raw[..., :n - cfg.protect_recent]
     t_select = timed(lambda: keep_indices(cfg, inp), args.reps) - t_score
-    t_agg = timed(lambda: triattention_aggregate(mid, hkv, 0), args.reps)
+    heads = stats.sampled().to(dev)
+    t_agg = timed(lambda: per_head(head_z(mid, 0), heads, hkv), args.reps)
     t_compact = timed(lambda: kv_compact(pool.k, pool.v, 0, keep), args.reps)
     kv_bytes = 2 * L * n * hkv * D * 2
     amortized = t_total / (div * args.decode_ms)

@@ -21,8 +21,9 @@ from openclaw.models.layers import BatchMeta
 from openclaw.config import EvictionConfig
 from openclaw.engine.kv_pool import KVPool
 from openclaw.eval.fidelity import text_windows
-from openclaw.evict.calibrate import dominant_r, load_stats
+from openclaw.evict.calibrate import dominant_r
 from openclaw.evict.evictor import EvictInputs, keep_indices, triattention_scores
+from openclaw.evict.stats_file import load_stats, model_metadata
 from openclaw.tokenizer import Tokenizer
 from openclaw.weights.hub import resolve_model
 from openclaw.weights.loader import load_model
@@ -101,8 +102,7 @@ def main() -> None:
     model_dir = resolve_model(args.model, Path.home() / ".cache" / "openclaw")
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
     mc = model.config
-    stats = load_stats(Path(args.stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim,
-                       model.rope.inv_freq)
+    stats = load_stats(Path(args.stats), model_metadata(model, model_dir.name), model.rope.inv_freq)
     ids = Tokenizer.from_dir(model_dir).encode(Path(args.text).read_text())
     results = [one_window(model, w, stats, args) for w in text_windows(ids, args.windows, args.cached + args.future)]
     mean = {k: torch.stack([r[k] for r in results]).mean(0) for k in results[0]}  # [L, Hkv]
