@@ -147,5 +147,7 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
     assert comp.evictions >= 3
     held = pool.v[:, seq.slot_base:seq.slot_base + seq.kv_len, :, 0]  # [L, kv_len, Hkv] positions
     assert (held.diff(dim=1) > 0).all(), "kept order must be temporal"
+    kept = comp.states[seq.seq_id].kept  # what the compressor believes the last compaction kept
+    assert torch.equal(kept.float(), pool.v[:, seq.slot_base:seq.slot_base + cfg.budget, :, 0].transpose(1, 2))
     for p in list(range(7)) + list(range(seq.num_computed - cfg.protect_recent, seq.num_computed)):
         assert (held == p).any(1).all(), f"position {p} (pinned or protected) was evicted"

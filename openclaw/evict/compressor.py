@@ -28,6 +28,7 @@ from openclaw.kernels.kv_compact import kv_compact
 @dataclass
 class _SeqState:
     queries: torch.Tensor | None = None  # [L, W, H, D] post-RoPE queries of the last W tokens
+    kept: torch.Tensor | None = None  # [L, Hkv, budget] absolute positions of the entries the last compaction kept
 
 
 class Compressor:
@@ -97,11 +98,17 @@ class Compressor:
         assert budget == self.cfg.budget, "every evicting sequence keeps the compressor's budget"
         st = self.states.get(seq.seq_id, _SeqState())
         attention = self.mass[:, base:base + n].transpose(1, 2) if self.mass is not None else None  # [L, Hkv, n]
-        inp = EvictInputs(keys=self.pool.k[:, base:base + n], t=seq.num_computed, pinned=min(seq.pinned, n),
-                          queries=st.queries, attention=attention,
+        t = seq.num_computed
+        dev = self.pool.k.device
+        fresh = torch.arange(t - n + (0 if st.kept is None else budget), t, device=dev).expand(self.L, self.hkv, -1)
+        positions = fresh if st.kept is None else torch.cat([st.kept, fresh], -1)  # [L, Hkv, n]
+        inp = EvictInputs(keys=self.pool.k[:, base:base + n], t=t, pinned=min(seq.pinned, n),
+                          queries=st.queries, attention=attention, positions=positions,
                           stats=self.tri_stats() if self.cfg.scorer == "triattention" else None)
         keep = keep_indices(self.cfg, inp)
         kv_compact(self.pool.k, self.pool.v, base, keep)
+        st.kept = positions.gather(-1, keep.to(dev))
+        self.states[seq.seq_id] = st
         if self.mass is not None:
             kept = attention.gather(-1, keep.to(attention.device))
             self.mass[:, base:base + seq.capacity] = 0

@@ -53,6 +53,7 @@ class EvictInputs:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     stats: TriStats | None = None
+    positions: torch.Tensor | None = None  # [L, Hkv, n] absolute position of each cached entry
 
 
 def kept_ends(cfg: EvictionConfig, n: int, pinned: int) -> tuple[int, int]:
@@ -99,7 +100,10 @@ def triattention_keep(cfg: EvictionConfig, inp: EvictInputs, front: int, back: i
     heads = inp.stats.sampled()
     extra = None
     if cfg.tri_mass and inp.attention is not None:
-        extra = cfg.tri_mass * zscore(torch.log(inp.attention[..., front:n - back] + 1e-6))
+        mass = inp.attention[..., front:n - back]
+        if cfg.mass_per_query:  # mean attention per query that has seen the key: no bias toward old keys
+            mass = mass / (inp.t - inp.positions[..., front:n - back]).clamp_min(1)
+        extra = cfg.tri_mass * zscore(torch.log(mass + 1e-6))
     if cfg.tri_select == "per_layer_perhead":
         return select(per_layer(z, heads, hkv, extra), n, front, back, cfg.budget)
     if cfg.tri_select == "union":
