@@ -91,6 +91,7 @@ class EvictionConfig:
     disable_mlr: bool = False  # triattention ablation (the reference's): norm term weighted by A_f, not A_f - |mu_f|
     tri_mass: float = 0.0  # triattention: weight of the realized-attention term (z of log accumulated attention)
     mass_per_query: bool = False  # the attention term divides by the queries that have seen the key
+    recent_share: float = 0.0  # triattention: share of the budget always given to the most recent tokens
 
     def __post_init__(self) -> None:
         _check(self.policy in POLICIES, f"eviction policy {self.policy!r} must be one of {', '.join(POLICIES)}")

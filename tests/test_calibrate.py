@@ -251,3 +251,15 @@ def test_persisted_sums_of_another_model_are_ignored(tmp_path, caplog):
         assert load_sums(tmp_path / "s.pt", meta() | {"inv_freq": (OMEGA * 3).tolist()}) is None
     assert len(caplog.records) == 2 and "starting cold" in caplog.records[0].getMessage()
     assert load_sums(tmp_path / "missing.pt", meta()) is None
+
+
+def test_the_cache_online_statistics_load_as_a_stats_file(tmp_path):
+    """--stats accepts the sums OpenClaw keeps in its cache: their means, checked against the model like any file."""
+    qs = QueryStats(3, 4, 24)
+    for layer in range(3):
+        qs.update(layer, torch.randn(7, 4, 24, generator=torch.Generator().manual_seed(layer)))
+    save_sums(tmp_path / "s.pt", qs, meta())
+    got, want = load_stats(tmp_path / "s.pt", meta(), OMEGA), qs.tri_stats(OMEGA)
+    assert torch.equal(got.mu_re, want.mu_re) and torch.equal(got.a_mean, want.a_mean)
+    with pytest.raises(OpenClawError, match="another model"):
+        load_stats(tmp_path / "s.pt", meta(H=8), OMEGA)

@@ -229,16 +229,16 @@ def test_thinking_is_kept_apart_and_out_of_the_next_prompt(smol_thinking_dir, tm
     assert not left_out(Tokenizer.from_dir(qwen3).render_chat(nxt[:-1]))  # the last turn's reasoning: kept
 
 
-@pytest.mark.parametrize("evict", [None, EvictionConfig(policy="streaming", budget=32, divide_length=64,
+@pytest.mark.parametrize("evict", [EvictionConfig(policy="full"), EvictionConfig(policy="streaming", budget=32, divide_length=64,
                                                         protect_recent=8, pin_prompt=False)])
 def test_a_session_longer_than_the_kv_pool_keeps_going(smol_model_dir, evict):
     """A pool of 128 slots, and a conversation that outgrows it: without eviction the oldest turn is dropped (and
     the chat says so); with an eviction budget the whole conversation stays in the prompt."""
-    chat, err = in_process(smol_model_dir, 8, kv_tokens=128, **({"evict": evict} if evict else {}))
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=128, evict=evict)
     for i in range(2):
         chat.turn(f"Here is a fact about the number {i + 3}: it is a number. " * 3 + "Say something about it.")
         assert chat.last.finish_reason in ("stop", "length") and chat.last.completion_tokens >= 1
-    if evict is None:
+    if not evict.evicts:
         assert "dropped the 2 oldest messages" in err.getvalue() and len(chat.messages) == 2
         assert chat.last.prompt_tokens + chat.last.completion_tokens <= 128
     else:

@@ -172,10 +172,11 @@ def test_the_attention_received_comes_from_the_forward_itself(tiny):
     scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=16)  # prefill in chunks of 16
     scheduler.add(seq)
     queries = [[] for _ in range(mc.num_hidden_layers)]
+    calls = []
 
-    def tap(q_pre, q_post, calls=[0]):
-        queries[calls[0] % mc.num_hidden_layers].append(q_post.clone())
-        calls[0] += 1
+    def tap(q_pre, q_post):
+        queries[len(calls) % mc.num_hidden_layers].append(q_post.clone())
+        calls.append(1)
 
     while seq.num_computed < 69:
         batch = scheduler.schedule()

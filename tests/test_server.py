@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from openclaw.config import EngineConfig
+from openclaw.config import EngineConfig, EvictionConfig
 from openclaw.llm import LLM
 from openclaw.server.openai_api import Api
 from openclaw.server.server import make_server
@@ -200,7 +200,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
 
 
 def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_thinking_dir):
-    llm = LLM(EngineConfig(model=str(smol_thinking_dir), device="cpu", kv_tokens=4096, max_seqs=4))
+    # full attention: a request longer than the pool is refused (auto, the default, would evict instead)
+    llm = LLM(EngineConfig(model=str(smol_thinking_dir), device="cpu", kv_tokens=4096, max_seqs=4,
+                           evict=EvictionConfig(policy="full")))
     server = make_server(llm, Api(llm, "smol-think", 40), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:

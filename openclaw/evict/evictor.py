@@ -67,6 +67,8 @@ def kept_ends(cfg: EvictionConfig, n: int, pinned: int) -> tuple[int, int]:
         back = max(back, cfg.window)
     if policy == "h2o":
         back = max(back, cfg.budget // 2)
+    if policy == "triattention":
+        back = max(back, int(cfg.budget * cfg.recent_share))
     if front > cfg.budget:
         raise ValueError(f"{front} pinned tokens exceed the budget {cfg.budget}")
     back = cfg.budget - front if policy == "streaming" else min(back, cfg.budget - front)

@@ -16,6 +16,7 @@ import torch
 
 from openclaw.errors import OpenClawError
 from openclaw.evict.evictor import TriStats
+from openclaw.evict.query_stats import SUMS_FORMAT, load_sums
 
 log = logging.getLogger(__name__)
 CAPTURE = "rope_input"  # the exact vectors RoPE rotates: after q_norm (Qwen3) and after the q bias (Qwen2)
@@ -54,8 +55,8 @@ def _read(path: Path) -> dict:
         raise OpenClawError(f"stats file {path} does not exist; make one with `openclaw calibrate`") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # incl. files needing code
         raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {e})") from None
-    if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
-        raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
+    if not isinstance(data, dict):
+        raise OpenClawError(f"{path} is not a TriAttention stats file (expected a dict)")
     return data
 
 
@@ -79,9 +80,17 @@ def _check_rope(path: Path, meta: dict, model: dict) -> None:
 
 
 def load_stats(path: Path, model: dict, omega: torch.Tensor) -> TriStats:
-    """Read a stats file (ours or the reference plugin's) for the model described by `model` (model_metadata);
-    refuse any mismatch. Heads the file does not list are marked in TriStats.heads."""
+    """Read a stats file (ours or the reference plugin's, or the online statistics OpenClaw keeps in its cache) for
+    the model described by `model` (model_metadata); refuse any mismatch. Heads the file does not list are marked in
+    TriStats.heads."""
     data = _read(path)
+    if data.get("format") == SUMS_FORMAT:
+        sums = load_sums(path, model)
+        if sums is None or sums.tokens == 0:
+            raise OpenClawError(f"{path} holds online statistics of another model (or none); see the warning above")
+        return sums.tri_stats(omega)
+    if not (isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
+        raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
     meta = data["metadata"]
     _check_rope(path, meta, model)
     if meta.get("query_capture") is None and model["q_norm"]:
