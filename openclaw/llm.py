@@ -162,7 +162,7 @@ class Streams:
     def _advance(self, key: int, token: int) -> Delta | None:
         live = self._live[key]
         seq = live.seq
-        text = "" if token in self.engine.eos_ids else live.detok.push(token)
+        text = "" if token in self.engine.eos_ids or token < 0 else live.detok.push(token)  # -1: the row failed
         reasoning, answer = live.split.feed(text) if live.split else ("", text)
         if live.split and live.split.thinking and live.think_left is not None:
             live.think_left -= 1

@@ -10,7 +10,7 @@ from tiny_models import make_hf_model, quantized_copy
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
 from openclaw.engine.engine import Engine
 from openclaw.errors import OpenClawError
-from openclaw.evict.calibrate import QueryStats, StatsTap, calibrate, concentration, load_stats, save_stats
+from openclaw.evict.calibrate import QueryStats, StatsTaps, calibrate, concentration, load_stats, save_stats
 from openclaw.evict.evictor import TriStats
 from openclaw.weights.loader import load_model
 
@@ -150,10 +150,13 @@ def test_online_statistics_equal_offline_on_the_same_text(tmp_path):
 
 def test_query_stats_running_means():
     qs = QueryStats(2, 1, 4)
-    tap = StatsTap(qs, 2)
-    q = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[3.0, 0.0, 0.0, -1.0]]])  # bands (1+0i, 0+1i), (3+0i, 0-1i)
-    tap(q, q)
-    tap(q, q)
+    taps = StatsTaps(qs, 2)
+    q = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[3.0, 0.0, 0.0, -1.0]], [[9.0, 9.0, 9.0, 9.0]]])
+    # bands (1+0i, 0+1i), (3+0i, 0-1i); the third row is padding (slot -1) and must not count
+    record = taps.tap([(None, 2)]).bind(torch.zeros(0, 3), torch.tensor([4, 5, -1]), torch.arange(3))
+    record(q, q)
+    record(q, q)
+    assert qs.tokens == 2
     s = qs.tri_stats(torch.ones(2))
     assert s.mu_re[0, 0].tolist() == [2.0, 0.0] and s.mu_im[0, 0].tolist() == [0.0, 0.0]
     assert s.a_mean[1, 0].tolist() == [2.0, 1.0]

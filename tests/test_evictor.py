@@ -135,11 +135,12 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
         pos = torch.arange(seq.num_computed, seq.num_computed + n, dtype=torch.float32)
         pool.k[:, rows] = torch.randn(L, n, HKV, D, generator=g)
         pool.v[:, rows] = pos[None, :, None, None]
-        tap = comp.tap([(seq, n)])
-        if tap is not None:
+        step = comp.tap([(seq, n)])
+        if step is not None:
+            record = step.bind(torch.tensor(step.rows).view(len(step.rows), n), rows, pos.long())
             for _ in range(L):
                 q = torch.randn(n, H, D, generator=g)
-                tap(q, q)
+                record(q, q)
         seq.num_computed += n
         seq.kv_len += n
         if comp.due(seq):

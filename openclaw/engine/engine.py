@@ -1,6 +1,8 @@
 """Glue: model + KV pool + scheduler + runner + sampler + compressor. Token ids in, token ids out.
 
 A step is schedule -> runner.step -> scheduler.advance -> compress what is due -> sample -> scheduler.postprocess.
+On CUDA the decode rows of a step replay a captured graph (openclaw.engine.graphs) and a decode step's only
+device-to-host copy is its tokens.
 Text (chat templates, detokenizing, stop strings) lives at the edges; stop strings reach the engine only as
 finish() calls from the edge that saw them. The engine never prints.
 """
@@ -15,7 +17,7 @@ from openclaw.config import EngineConfig, SamplingParams
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.memory import Plan, cap_allocator, gpu_plan
 from openclaw.engine.runner import Runner
-from openclaw.engine.sampler import sample
+from openclaw.engine.sampler import Sampler
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
@@ -105,9 +107,10 @@ class Engine:
         self.pool = KVPool(mc.num_hidden_layers, kv_tokens, mc.num_key_value_heads, mc.head_dim, self.dtype,
                            self.device)
         self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens, self.eos_ids)
-        self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
-        self.compressor = Compressor.for_model(config.evict, self.model, self.pool)
-        self.generators: dict[int, torch.Generator] = {}
+        graphs = "capture" if config.cuda_graphs and self.device.type == "cuda" else "off"
+        self.runner = Runner(self.model, self.pool, self.device, graphs, config.max_seqs, self.max_model_len)
+        self.compressor = Compressor.for_model(config.evict, self.model, self.pool, config.max_seqs)
+        self.sampler = Sampler(self.device, config.max_seqs)
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """The most tokens a request whose prompt has prompt_len tokens may generate: what the model's context
@@ -142,8 +145,7 @@ class Engine:
         if seq.slots_needed() > self.pool.num_slots:
             raise OpenClawError(f"the request needs {seq.slots_needed()} KV slots but the pool has "
                                 f"{self.pool.num_slots}; lower max_tokens or raise --kv-tokens")
-        if params.seed is not None:
-            self.generators[seq.seq_id] = torch.Generator().manual_seed(params.seed)
+        self.sampler.add(seq)
         self.scheduler.add(seq)
         return seq
 
@@ -151,11 +153,12 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over the scheduled batch; returns (sequence, new token) for each that sampled."""
+        """One forward over the scheduled batch; returns (sequence, new token) for each that sampled. A sequence
+        whose logits were not all finite gets token -1 and is finished with reason "error"; the others go on."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, seqs = self.runner.step(batch, self.compressor.tap(batch))
+        logits, seqs = self.runner.step(batch, self.compressor)
         self.scheduler.advance(batch)
         for seq, _ in batch:
             if self.compressor.due(seq):
@@ -163,13 +166,14 @@ class Engine:
                 self.scheduler.compacted(seq, seq.kv_budget)
         if not seqs:
             return []
-        if self.dtype == torch.float16 and not torch.isfinite(logits).all():
-            raise OpenClawError("activations overflowed float16 (non-finite logits); rerun with --dtype bfloat16 "
-                                "or --dtype float32")
-        histories = [s.token_ids for s in seqs]
-        gens = [self.generators.get(s.seq_id) for s in seqs]
-        tokens = sample(logits, [s.params for s in seqs], histories, gens).tolist()
-        for seq in self.scheduler.postprocess(seqs, tokens):
+        tokens = self.sampler.sample(logits, seqs)
+        good = [(seq, t) for seq, t in zip(seqs, tokens) if t >= 0]
+        for seq, t in zip(seqs, tokens):
+            if t < 0:
+                hint = "; --dtype bfloat16 or float32 avoids float16 overflow" if self.dtype == torch.float16 else ""
+                log.warning("sequence %d: non-finite logits, finished with an error%s", seq.seq_id, hint)
+                self.finish(seq, "error")
+        for seq in self.scheduler.postprocess([s for s, _ in good], [t for _, t in good]):
             self._release(seq)
         return list(zip(seqs, tokens))
 
@@ -184,7 +188,7 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.generators.pop(seq.seq_id, None)
+        self.sampler.release(seq)
         self.compressor.release(seq)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:

@@ -63,7 +63,7 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
                    kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length)
     pool = KVPool(mc.num_hidden_layers, seq.slots_needed(), mc.num_key_value_heads, mc.head_dim, dtype, device)
     comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
-    runner = Runner(model, pool, device, cuda_graphs=False)
+    runner = Runner(model, pool, device)
     scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
     scheduler.add(seq)
     out = []
@@ -71,7 +71,7 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
         batch = scheduler.schedule()
         s, n = seq.num_computed, batch[0][1]
         rows = [p - s for p in range(s, s + n) if start <= p < len(ids) - 1]
-        logits, _ = runner.step(batch, comp.tap(batch), rows=rows)
+        logits, _ = runner.step(batch, comp, rows=rows)
         out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         scheduler.advance(batch)
         if comp.due(seq):

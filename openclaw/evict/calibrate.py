@@ -1,8 +1,8 @@
 """TriAttention calibration: pre-RoPE query statistics per (layer, query head), their file format, and a report.
 
-QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64, so the same object
-serves offline calibration over a text and online statistics (`--stats auto`, running means of the queries the
-model computes anyway). Files use the reference plugin's format (TRIATTENTION.md section 2) and load with
+QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64 (kernels/query_stats.py,
+device ops only, so a captured decode step adds to them too), so the same object serves offline calibration over a
+text and online statistics (`--stats auto`, running means of the queries the model computes anyway). Files use the reference plugin's format (TRIATTENTION.md section 2) and load with
 torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
 """
 
@@ -13,44 +13,40 @@ from pathlib import Path
 import torch
 
 from openclaw.config import SamplingParams
+from openclaw.engine.graphs import StepTap
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.runner import Runner
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
 from openclaw.evict.evictor import TriStats
+from openclaw.kernels.query_stats import query_stats
 
 ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout)
 
 
 class QueryStats:
-    """Running sums of q_f, |q_f| over tokens, per (layer, query head, band); means on demand."""
+    """Running sums of q_f, |q_f| over tokens, per (layer, query head, band), on the queries' device; means on demand.
+    tokens: how many tokens every layer has added, counted on the host by whoever feeds it (a device-only add cannot
+    count without a sync)."""
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu"):
         self.shape = (num_layers, num_heads, head_dim // 2)
         self.re = torch.zeros(self.shape, dtype=torch.float64, device=device)
         self.im = torch.zeros_like(self.re)
         self.abs = torch.zeros_like(self.re)
-        self.count = torch.zeros(num_layers, dtype=torch.float64)
+        self.tokens = 0
 
-    def update(self, layer: int, q: torch.Tensor) -> None:
-        """q: [T, H, D] pre-RoPE queries of one layer."""
-        half = q.shape[-1] // 2
-        re, im = q[..., :half].double(), q[..., half:].double()
-        self.re[layer] += re.sum(0).to(self.re.device)
-        self.im[layer] += im.sum(0).to(self.re.device)
-        self.abs[layer] += torch.sqrt(re * re + im * im).sum(0).to(self.re.device)
-        self.count[layer] += q.shape[0]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.count.min())
+    def add(self, layer: int, q: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """q: [T, H, D] pre-RoPE queries of one layer, on the stats' device; rows whose slot is negative (padding)
+        are skipped."""
+        query_stats(q, slots, self.re[layer], self.im[layer], self.abs[layer])
 
     def tri_stats(self, omega: torch.Tensor) -> TriStats:
         if self.tokens == 0:
             raise OpenClawError("no queries seen yet: online statistics are empty")
-        c = self.count.to(self.re.device)[:, None, None]
-        return TriStats((self.re / c).float(), (self.im / c).float(), (self.abs / c).float(), omega.float())
+        return TriStats((self.re / self.tokens).float(), (self.im / self.tokens).float(),
+                        (self.abs / self.tokens).float(), omega.float())
 
 
 def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int) -> None:
@@ -109,15 +105,25 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
     return TriStats(out[0], out[1], out[2], omega.float())
 
 
-class StatsTap:
-    """A BatchMeta.query_tap that feeds every layer's pre-RoPE queries to a QueryStats."""
+class StatsTaps:
+    """Runner taps (openclaw.engine.runner.Taps) that feed every layer's pre-RoPE queries to a QueryStats."""
+
+    graphable = True
 
     def __init__(self, stats: QueryStats, num_layers: int):
-        self.stats, self.num_layers, self.calls = stats, num_layers, 0
+        self.stats, self.num_layers = stats, num_layers
 
-    def __call__(self, q_pre: torch.Tensor, q_post: torch.Tensor) -> None:
-        self.stats.update(self.calls % self.num_layers, q_pre)
-        self.calls += 1
+    def tap(self, batch: list[tuple[Sequence, int]]) -> StepTap:
+        self.stats.tokens += sum(n for _, n in batch)
+        return StepTap([], [], self._bind)
+
+    def _bind(self, inputs: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor):
+        calls = iter(range(1 << 62))
+
+        def record(q_pre: torch.Tensor, q_post: torch.Tensor) -> None:
+            self.stats.add(next(calls) % self.num_layers, q_pre, slots)
+
+        return record
 
 
 @torch.inference_mode()
@@ -127,10 +133,10 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
     cfg = model.config
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
-    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
-    tap = StatsTap(stats, cfg.num_hidden_layers)
+    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, device)
+    taps = StatsTaps(stats, cfg.num_hidden_layers)
     pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-    runner = Runner(model, pool, device, cuda_graphs=False)
+    runner = Runner(model, pool, device)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]
         seq = Sequence(window, SamplingParams(max_tokens=1), max_len=len(window))
@@ -138,7 +144,7 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
         scheduler.add(seq)
         while seq.num_computed < len(window):
             batch = scheduler.schedule()
-            runner.step(batch, tap, rows=[])
+            runner.step(batch, taps, rows=[])
             scheduler.advance(batch)
         scheduler.finish(seq, "length")
     return stats
