@@ -148,7 +148,8 @@ def qk_norm_rope_kv(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: 
                     slot_mapping: torch.Tensor, H: int, Hkv: int, D: int,
                     q_pre: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (H + 2 Hkv) D] (the fused projection) -> rotated q [T, H, D]; writes rotated k and raw v to
-    k_cache, v_cache [S, Hkv, D] at slot_mapping [T] (a negative slot: a padded row, whose K/V go nowhere). q_norm_w, k_norm_w: [D] per-head RMSNorm weights (Qwen3) or
+    k_cache, v_cache [S, Hkv, D] at slot_mapping [T] (a negative slot: a padded row, whose K/V go nowhere).
+    q_norm_w, k_norm_w: [D] per-head RMSNorm weights (Qwen3) or
     both None; cos, sin: [T, 1, D] or [T, D] from Rope.cos_sin (HF "half" layout, scale included). q_pre: [T, H, D],
     filled with the queries RoPE rotates (after the norm) when given. Triton on CUDA tensors, the reference on CPU."""
     if qkv.is_cuda:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from openclaw.config import EngineConfig, SamplingParams
+from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.memory import Plan, cap_allocator, gpu_plan
 from openclaw.engine.runner import Runner
@@ -68,14 +68,16 @@ def eos_ids(gen: dict, extra: set[int] = frozenset()) -> set[int]:
 def plan_and_load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none",
                   vram: float | None = None, max_batch_tokens: int = 512, max_seqs: int = 1,
                   kv_budget: int | None = None, divide_length: int = 128, kv_tokens: int | None = None,
-                  progress: Callable[[str, int, int], None] | None = None) -> tuple[torch.nn.Module, Plan | None]:
+                  progress: Callable[[str, int, int], None] | None = None, evict: EvictionConfig | None = None,
+                  cuda_graphs: bool = False) -> tuple[torch.nn.Module, Plan | None]:
     """(model, VRAM plan or None on the CPU). On CUDA the plan comes first (refusing, before anything is loaded,
     what does not fit --vram; choosing NF4 for a full-precision checkpoint when quantize is auto and only NF4 fits)
-    and caps the allocator, then the loader loads what the plan decided; on the CPU quantize nf4 alone quantizes."""
+    and caps the allocator, then the loader loads what the plan decided; on the CPU quantize nf4 alone quantizes.
+    evict, cuda_graphs: the eviction state and decode graphs the plan counts."""
     plan, nf4 = None, quantize == "nf4"
     if device.type == "cuda":
         plan, nf4 = gpu_plan(model_dir, Path(model_dir).name, device, dtype, vram, max_batch_tokens, max_seqs,
-                             kv_budget, divide_length, kv_tokens, quantize)
+                             kv_budget, divide_length, kv_tokens, quantize, evict, cuda_graphs)
         cap_allocator(plan, device)
     model = load_model(model_dir, device, dtype, nf4=nf4, progress=progress)
     if device.type == "cuda":
@@ -96,7 +98,7 @@ class Engine:
         self.model, self.plan = plan_and_load(model_dir, self.device, self.dtype, config.quantize, config.vram,
                                               config.max_batch_tokens, config.max_seqs,
                                               ev.budget if ev.evicts else None, ev.divide_length, config.kv_tokens,
-                                              progress)
+                                              progress, ev, config.cuda_graphs)
         mc = self.model.config
         self.generation_config = generation_defaults(model_dir)
         self.sampling_defaults = sampling_defaults(self.generation_config)

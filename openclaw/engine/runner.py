@@ -95,7 +95,7 @@ class Runner:
         spans = tensor([s[2] for s in seqs] + [s[3] for s in seqs])  # decode attention reads slot ranges here
         slot_t, pos_t = tensor(slots), tensor(positions)
         tap = None if taps is None else taps.tap(batch)
-        meta = BatchMeta(slot_mapping=slot_t, seqs=seqs, sample_idx=tensor(sample_rows),
-                         query_tap=None if tap is None else tap.bind(tensor(tap.rows).view(len(tap.rows), t), slot_t, pos_t),
+        query_tap = None if tap is None else tap.bind(tensor(tap.rows).view(len(tap.rows), t), slot_t, pos_t)
+        meta = BatchMeta(slot_mapping=slot_t, seqs=seqs, sample_idx=tensor(sample_rows), query_tap=query_tap,
                          slot_base=spans[:len(seqs)], kv_valid=spans[len(seqs):])
         return self.model(tensor(ids), pos_t, meta, self.pool.k, self.pool.v), samplers

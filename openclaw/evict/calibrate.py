@@ -2,8 +2,8 @@
 
 QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64 (kernels/query_stats.py,
 device ops only, so a captured decode step adds to them too), so the same object serves offline calibration over a
-text and online statistics (`--stats auto`, running means of the queries the model computes anyway). Files use the reference plugin's format (TRIATTENTION.md section 2) and load with
-torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
+text and online statistics (`--stats auto`, running means of the queries the model computes anyway). Files use the
+reference plugin's format (TRIATTENTION.md section 2) and load with torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
 """
 
 import pickle
