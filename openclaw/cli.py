@@ -1,4 +1,5 @@
-"""The `openclaw` command: run, chat, serve, plan (pull/models: cli_hub.py; calibrate/eval: cli_eval.py).
+"""The `openclaw` command: run, chat, serve, plan (pull/models: cli_hub.py; calibrate/eval: cli_eval.py; bench:
+cli_bench.py).
 With chat.py and the server, the only modules that talk to the user (through rich).
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. An OpenClawError becomes
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from openclaw.cli_bench import bench
 from openclaw.cli_eval import calibrate, eval_app, eviction_config
 from openclaw.cli_hub import models, pull
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams, default_cache_dir
@@ -61,6 +63,7 @@ app.add_typer(eval_app, name="eval")
 app.command()(calibrate)
 app.command()(pull)
 app.command()(models)
+app.command()(bench)
 ThinkBudget = Annotated[int | None, typer.Option(min=1, help="Close the thinking after N tokens (injects </think>).")]
 
 

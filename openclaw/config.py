@@ -114,7 +114,7 @@ class EngineConfig:
     # weights as stored (GGUF blocks dequantized); auto: nf4 on a GPU for GGUF files, manifest models marked
     # bf16->nf4, and checkpoints whose weights fit --vram only as NF4; none on a CPU (full precision decodes faster)
     quantize: str = "auto"
-    cuda_graphs: bool = True  # replay batch-1 decode steps from captured CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # decode rows replay captured CUDA graphs, one per (batch, KV-length) bucket (GPU only)
     max_seqs: int = 16  # sequences decoded together at most
     max_model_len: int | None = None  # per-sequence length cap; None = the model's context length
     max_batch_tokens: int = 512  # tokens per forward step (prefill is chunked to fit)
@@ -136,3 +136,31 @@ class EngineConfig:
                f"{self.max_batch_tokens} (every decoding sequence takes one token of a step)")
         _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")
         self.cache_dir = Path(self.cache_dir).expanduser()
+
+
+@dataclass
+class BenchConfig:
+    """What `openclaw bench` measures (openclaw.eval.speed). An empty list takes the device's default: on a CPU
+    BENCH_CPU's, on a GPU BENCH_GPU's."""
+
+    prompt_lengths: list[int] = field(default_factory=list)  # prefill: prompt tokens
+    contexts: list[int] = field(default_factory=list)  # decode: cached tokens per sequence when timing starts
+    batch_sizes: list[int] = field(default_factory=list)  # decode: sequences decoding together
+    steps: int = 32  # timed decode steps per figure
+    reps: int = 1  # each figure is the best of reps runs, after a warm-up run
+    random_weights: bool = False  # random weights of a manifest model's real shapes: nothing is downloaded
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_lengths", "contexts", "batch_sizes"):
+            values = getattr(self, name)
+            _check(all(v >= 1 for v in values), f"--{name.replace('_', '-')} {values} must all be >= 1")
+        _check(self.steps >= 1 and self.reps >= 1, f"--steps {self.steps} and --reps {self.reps} must be >= 1")
+
+    def for_device(self, cuda: bool) -> "BenchConfig":
+        """A copy with every empty list filled with the device's default."""
+        defaults = BENCH_GPU if cuda else BENCH_CPU
+        return replace(self, **{k: getattr(self, k) or list(v) for k, v in defaults.items()})
+
+
+BENCH_CPU = {"prompt_lengths": (2048,), "contexts": (128,), "batch_sizes": (1, 8)}
+BENCH_GPU = {"prompt_lengths": (512, 4096), "contexts": (128, 4096), "batch_sizes": (1, 2, 4, 8, 16)}

@@ -118,7 +118,7 @@ def test_run_answers_on_stdout_only(prompt, tmp_path, smol_dir):
     assert "tok/s" in r.stderr and "tok/s" not in r.stdout
 
 
-@pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("calibrate",), ("eval", "fidelity"),
+@pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("bench",), ("calibrate",), ("eval", "fidelity"),
                                      ("eval", "needle")])
 def test_every_command_that_loads_a_model_takes_vram_and_quantize(command):
     import typer

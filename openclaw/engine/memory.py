@@ -193,6 +193,8 @@ def weight_plan(raw: dict, weights_at: Callable[[bool], int], make: Callable[[in
         p = make(weights_at(False))
         method = str(qc.get("quant_method", "?")).lower()
         p.weight_format = f"{method}, as stored" + (" (GGUF blocks repacked)" if method == "gguf" else "")
+        if method == "random":
+            p.weight_format = f"random, in {qc.get('format', '?')}'s layout (openclaw bench --random-weights)"
         p.hint = GGUF_HINT if method == "gguf" else ""
         return p, False
     full = make(weights_at(False))

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight, concat_rows, interleave_gate_up, quantize_rtn, tile, tiles
 from openclaw.models.layers import QuantEmbedding, QuantLinear
-from openclaw.weights.checkpoint import iter_safetensors, quant_method, read_config
+from openclaw.weights import synthetic
+from openclaw.weights.checkpoint import iter_safetensors, parse_config, quant_method, read_config
 from openclaw.weights.formats import iter_quantized
 from openclaw.weights.layout import rtn_group
 
@@ -65,15 +66,19 @@ def save_quantized(path: Path, tensors: dict[str, torch.Tensor | QuantWeight]) -
     save_file(flat, str(path), metadata={"openclaw.quant": json.dumps(layouts)})
 
 
-def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = "cpu",
-                       nf4: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = "cpu", nf4: bool = False,
+                       dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """Every tensor of the checkpoint by its checkpoint name, quantized weights as QuantWeight, streamed; nf4:
-    quantize an unquantized checkpoint's linear layers to NF4 on the way (converters run on `device`)."""
+    quantize an unquantized checkpoint's linear layers to NF4 on the way (converters run on `device`); a synthetic
+    checkpoint's random tensors are made there, full-precision ones in dtype."""
     method = quant_method(raw)
     if method is None and not nf4:
         return ((name, tensor) for _, name, tensor, _ in iter_safetensors(model_dir))
     if method == "openclaw":
         return _internal_tensors(model_dir)
+    if method == synthetic.METHOD:
+        family, cfg = parse_config(raw, model_dir)
+        return synthetic.random_tensors(family, cfg, synthetic.layout_of(raw), device, dtype)
     return iter_quantized(model_dir, raw, device, nf4=nf4)
 
 
@@ -84,7 +89,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     checkpoint left unquantized, become 8-bit. progress(what, done, total) counts the model's weights as they land."""
     model_dir = Path(model_dir)
     family, cfg, raw = read_config(model_dir)
-    quantized = quant_method(raw) is not None or nf4
+    quantized = (quant_method(raw) is not None and not _full_precision(raw)) or nf4
     with torch.device("meta"):
         model = family.model(cfg, quantized).to(dtype)
     model.to_empty(device=device)
@@ -98,7 +103,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     method = quant_method(raw)
     what = "quantizing to NF4" if nf4 and method is None else f"loading {method} weights" if method else "loading"
     pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
-    for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4):
+    for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4, dtype):
         target = family.checkpoint_target(name)
         if target is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
@@ -138,6 +143,11 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
         raise OpenClawError(f"{model_dir}: {len(missing)} weights missing from the checkpoint "
                             f"(first: {missing[0]}); the download may be incomplete")
     return model.eval()
+
+
+def _full_precision(raw: dict) -> bool:
+    """A synthetic checkpoint of a full-precision format (a bf16 manifest model): its weights are not quantized."""
+    return quant_method(raw) == synthetic.METHOD and synthetic.layout_of(raw) is None
 
 
 def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | None, module: torch.nn.Module,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from openclaw.models.family import Family
 from openclaw.weights import gguf_blocks
 from openclaw.weights.checkpoint import detect_format, model_family, read_config, shard_files
-from openclaw.weights.layout import NF4, Layout, config_layout, eight_bit
+from openclaw.weights.layout import FORMAT_LAYOUTS, NF4, Layout, config_layout, eight_bit
 
 
 def weight_bytes(cfg, dtype_bytes: int, layout: Layout | None) -> int:
@@ -76,6 +76,8 @@ def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int, nf4: bool = False
         return gguf_weight_bytes(model_dir / raw["quantization_config"].get("gguf_file", "model.gguf"), dtype_bytes)[1]
     if fmt == "unquantized":
         return weight_bytes(cfg, dtype_bytes, NF4 if nf4 else None)
+    if fmt == "random":
+        return weight_bytes(cfg, dtype_bytes, FORMAT_LAYOUTS.get(raw["quantization_config"].get("format", "")))
     if fmt != "openclaw":
         return weight_bytes(cfg, dtype_bytes, config_layout(raw))
     total, tied = 0, cfg.tie_word_embeddings
