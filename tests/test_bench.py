@@ -3,6 +3,9 @@ weights of a manifest model's real shapes (openclaw/weights/synthetic.py) in eac
 table, JSON and one-line errors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +85,15 @@ def test_trace_counts_evictions_and_full_attention_stops_clearly(tmp_path):
         speed.trace(full, 200, prompt_len=10)
 
 
+def test_throughput_runs_every_request_and_counts_the_peak(tmp_path):
+    make_hf_model("llama", tmp_path)
+    ev = EvictionConfig(policy="streaming", budget=40, divide_length=16, protect_recent=8)
+    e = Engine(tmp_path, EngineConfig(device="cpu", dtype="float32", kv_tokens=200, max_seqs=8, evict=ev))
+    t = speed.throughput(e, 5, 60, prompt_len=10)
+    assert (t.seqs, t.most_at_once, t.tokens) == (5, 3, 300)  # 200 slots hold three sequences of 40 + 16
+    assert t.evictions == 5 and t.tok_s > 0  # each: 70 tokens in 56 slots, one compression to 40
+
+
 def test_bench_command_table_and_json(tmp_path):
     make_hf_model("qwen3", tmp_path / "m")
     out = tmp_path / "bench.json"
@@ -114,3 +126,37 @@ def test_bench_random_weights_of_a_manifest_model(tmp_path):
                                          (["--evict", "full,lru"], "eviction policy 'lru'")])
 def test_bench_bad_input_is_one_line(args, needle, tmp_path):
     assert_one_line_error(openclaw("bench", *args, cache=tmp_path), needle)
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def script(name: str, *args, cwd) -> str:
+    r = subprocess.run([sys.executable, str(BENCH / name), "--device", "cpu", *map(str, args)], capture_output=True,
+                       text=True, timeout=600, cwd=cwd, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_gpu_scripts_run_on_a_cpu_with_tiny_shapes(tmp_path):
+    """The scripts the GPU issue runs (bench/gpu_decode.py, gpu_trace.py, gpu_throughput.py), end to end on a tiny
+    model: every figure they print is computed."""
+    make_hf_model("qwen3", tmp_path / "m")
+    m = tmp_path / "m"
+    out = script("gpu_decode.py", "--model", m, "--no-peer", "--no-kernels", "--batch-sizes", "1,3", "--contexts",
+                 "12", "--prompts", "20", "--steps", "3", "--kv-tokens", "512", "--json", tmp_path / "d.json", cwd=tmp_path)
+    d = json.loads((tmp_path / "d.json").read_text())["ours"]
+    assert [(r["batch"], r["tok_s"] > 0) for r in d["decode"]] == [(1, True), (3, True)] and "| 12 | 3 |" in out
+    evict = ["--budget", 48, "--protect-recent", 8, "--divide-length", 16, "--prompt", 10]
+    out = script("gpu_trace.py", "--model", m, "--mode", "full", "--tokens", 400, "--window", 20, *evict,
+                 "--kv-tokens", 100, cwd=tmp_path)
+    assert "400 tokens with full attention | the request needs 410 KV slots but the pool has 100" in out
+    assert "| tokens generated | 90 (length) |" in out  # then it runs to the end of the pool
+    evict += ["--kv-tokens", 300]
+    out = script("gpu_trace.py", "--model", m, "--mode", "offline", "--tokens", 120, "--window", 20,
+                 "--calibration-tokens", 200, "--json", tmp_path / "t.json", *evict, cwd=tmp_path)
+    t = json.loads((tmp_path / "t.json").read_text())["trace"]
+    assert t["tokens"] == 120 and t["evictions"] == 5 and "calibration_s" in json.loads((tmp_path / "t.json").read_text())
+    out = script("gpu_throughput.py", "--model", m, "--tokens", 80, "--max-seqs", 8, "--policies", "full,snapkv",
+                 *evict, cwd=tmp_path)
+    assert "| full | 300 | 3 | 240 |" in out and "| snapkv | 300 | 4 | 320 |" in out  # 90 vs 64 slots each

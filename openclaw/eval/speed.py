@@ -151,11 +151,12 @@ class Trace:
     tokens: int  # generated
     finish_reason: str
     seconds: float  # decode steps only
-    first_tok_s: float  # over the first `window` generated tokens
+    first_tok_s: float  # over the first `window` generated tokens (steps that captured a graph left out)
     last_tok_s: float  # over the last `window`
     evictions: int
     eviction_share: float  # what the steps that evicted took beyond a median step, over all decode time
     peak_gib: float | None
+    capture_seconds: float = 0.0  # steps that captured a CUDA graph (the first of each length bucket)
 
 
 def trace(engine: Engine, tokens: int, prompt_len: int = 128, window: int = 1024) -> Trace:
@@ -167,21 +168,59 @@ def trace(engine: Engine, tokens: int, prompt_len: int = 128, window: int = 1024
                                                                          ignore_eos=True))
     while not seq.output_ids and not seq.finished:
         engine.step()
-    times, evicted = [], []
+    first = engine.compressor.evictions
+    times, evicted, capture = [], [], 0.0
+    graphs = engine.runner.graphs
     _sync(engine)
     last = time.perf_counter()
     while not seq.finished:
-        before = engine.compressor.evictions
+        before, steps = engine.compressor.evictions, 0 if graphs is None else len(graphs.steps)
         engine.step()
         _sync(engine)
         now = time.perf_counter()
-        times.append(now - last)
-        evicted.append(engine.compressor.evictions > before)
+        if graphs is not None and len(graphs.steps) > steps:
+            capture += now - last
+        else:
+            times.append(now - last)
+            evicted.append(engine.compressor.evictions > before)
         last = now
     w = max(1, min(window, len(times)))
     plain = sorted(t for t, e in zip(times, evicted) if not e)
     median = plain[len(plain) // 2] if plain else 0.0
     extra = max(0.0, sum(t - median for t, e in zip(times, evicted) if e))  # noise can make it negative
     total = sum(times) or 1e-9
-    return Trace(prompt_len, len(seq.output_ids), seq.finish_reason, sum(times), w / (sum(times[:w]) or 1e-9),
-                 w / (sum(times[-w:]) or 1e-9), sum(evicted), extra / total, _peak(engine))
+    return Trace(prompt_len, len(seq.output_ids), seq.finish_reason, sum(times) + capture,
+                 w / (sum(times[:w]) or 1e-9), w / (sum(times[-w:]) or 1e-9), engine.compressor.evictions - first,
+                 extra / total, _peak(engine), capture)
+
+
+@dataclass
+class Throughput:
+    """Many sequences generating together until all are done."""
+
+    seqs: int  # requested
+    most_at_once: int  # running together at the peak (the pool and --max-seqs bound it)
+    tokens: int  # generated, all sequences
+    seconds: float
+    tok_s: float
+    evictions: int
+    peak_gib: float | None
+
+
+def throughput(engine: Engine, seqs: int, tokens: int, prompt_len: int = 128) -> Throughput:
+    """Submit `seqs` requests of `tokens` new tokens each after random prompts and run until all finish: aggregate
+    tokens per second (prefill included), and how many ran at once."""
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    _peak(engine, reset=True)
+    before = engine.compressor.evictions
+    t0 = time.perf_counter()
+    reqs = [engine.add_request(_ids(prompt_len, vocab, 1000 + i), params) for i in range(seqs)]
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, len(engine.scheduler.running))
+    _sync(engine)
+    dt = time.perf_counter() - t0
+    generated = sum(len(s.output_ids) for s in reqs)
+    return Throughput(seqs, most, generated, dt, generated / dt, engine.compressor.evictions - before, _peak(engine))
