@@ -1,5 +1,6 @@
 """Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention,
-and the quantized linear / embedding layers over kernels/qlinear.py's layout.
+the full-precision linear layer (dense: fp32 products for half-precision weights on a CPU) and the quantized linear /
+embedding layers over kernels/qlinear.py's layout.
 
 Attention reads the KV pool as a sequence's slots [base, base + kv_len) in temporal order, keys already rotated:
 SDPA per sequence for prefill, kernels/decode_attention.py for decode. Every op goes through a kernel wrapper that
@@ -18,12 +19,16 @@ from openclaw.kernels.decode_ops import add_rmsnorm
 from openclaw.kernels.qlinear import GEMV_MAX_ROWS, QuantWeight, qgemv, qlinear, silu_mul_interleaved
 from torch import nn
 
+CPU_GEMM_ROWS = 4  # rows from which a CPU product with half-precision weights runs in fp32 (see dense)
+CPU_GEMM_BLOCK = 4 << 20  # bytes of fp32 weight upcast at a time: cache-sized, and reused by the allocator
+
 
 @dataclass
 class BatchMeta:
     """One forward step over several sequences, flattened into T tokens.
 
-    slot_mapping: [T] pool slot each new token's K/V is written to.
+    slot_mapping: [T] pool slot each new token's K/V is written to; -1: a padded row of a captured batch, whose K/V
+                  must go nowhere (every family's KV write skips negative slots).
     seqs: per sequence (q_start, q_len, slot_base, kv_len) with kv_len counted after this step's writes;
           query i of a sequence sees slots [slot_base, slot_base + kv_len - q_len + i].
     sample_idx: [N] rows of T whose logits are wanted (the last token of each sequence that samples).
@@ -170,9 +175,11 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             decode_attention(q[q_start:q_start + 1], k_cache, v_cache, meta.slot_base[i:i + 1],
                              meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1])
             continue
-        qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
-        ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
-        vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)
+        # on a CPU in fp32: half-precision matmuls run at a fifth of its rate there (see dense)
+        dtype = q.dtype if q.is_cuda else torch.float32
+        qs = q[q_start:q_start + q_len].transpose(0, 1).to(dtype)  # [H, q_len, D]
+        ks = k_cache[base:base + kv_len].transpose(0, 1).to(dtype)  # [Hkv, kv_len, D]
+        vs = v_cache[base:base + kv_len].transpose(0, 1).to(dtype)
         # query i sees every cached slot plus new tokens up to itself
         cols = torch.arange(kv_len, device=q.device)
         rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
@@ -181,7 +188,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             o = _prefill_attention_cuda(qs, ks, vs, mask, scale)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q_start:q_start + q_len] = o.transpose(0, 1)
+        out[q_start:q_start + q_len] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -198,6 +205,32 @@ def _prefill_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         out[j * group:(j + 1) * group] = F.scaled_dot_product_attention(q[j * group:(j + 1) * group], kj, vj,
                                                                         attn_mask=mask, scale=scale)
     return out
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T [K, N] (+ bias) in x.dtype. On a CPU, half-precision weights multiply fast only as a GEMV:
+    this torch's fp16 / bf16 GEMM on AVX2 costs a GEMV per row, 4-5x fp32's time from 8 rows on (bench/RESULTS-cpu.md),
+    so from CPU_GEMM_ROWS rows the product runs in fp32 over the weight upcast CPU_GEMM_BLOCK bytes at a time (nothing
+    weight-sized is allocated) and is rounded once to x.dtype."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda or weight.dtype == torch.float32 or rows < CPU_GEMM_ROWS:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, -1).float()
+    n, k = weight.shape
+    step = max(1, CPU_GEMM_BLOCK // (4 * k))
+    y = torch.empty(rows, n)
+    for i in range(0, n, step):
+        torch.mm(x2, weight[i:i + step].float().T, out=y[:, i:i + step])
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through dense (the same parameters and checkpoint names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense(x, self.weight, self.bias)
 
 
 class QuantLinear(nn.Module):

@@ -10,15 +10,16 @@ pool (the runner passes it in).
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from openclaw.kernels.decode_ops import qk_norm_rope_kv, silu_mul
 from openclaw.models.family import Family
 from openclaw.models.layers import (
     BatchMeta,
+    Linear,
     QuantEmbedding,
     QuantLinear,
     RMSNorm,
     Rope,
+    dense,
     pool_attention,
     rope_parameters,
 )
@@ -102,7 +103,7 @@ class Qwen3Config:
 
 
 def linear(in_features: int, out_features: int, bias: bool, quantized: bool) -> nn.Module:
-    return QuantLinear(in_features, out_features, bias) if quantized else nn.Linear(in_features, out_features, bias)
+    return QuantLinear(in_features, out_features, bias) if quantized else Linear(in_features, out_features, bias)
 
 
 class Attention(nn.Module):
@@ -196,7 +197,7 @@ class Qwen3ForCausalLM(nn.Module):
         """x: [N, hidden] (final-normed) -> [N, vocab] fp32."""
         if self.quantized:
             return self.lm_head(x).float()
-        return F.linear(x, self.lm_head_weight()).float()
+        return dense(x, self.lm_head_weight()).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:

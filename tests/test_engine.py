@@ -90,3 +90,22 @@ def test_generation_config_is_read_as_transformers_reads_it():
     assert sampling_defaults({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
     # a flag always wins over the config
     assert SamplingParams(temperature=0.5).with_defaults(sampling_defaults({})).temperature == 0.5
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tmp_path):
+    """The bad-row contract: a sequence whose logits are not all finite gets token -1 and finishes with reason
+    "error"; the sequence beside it in the same steps decodes as it would alone."""
+    make_hf_model("llama", tmp_path)
+    engine = fp32_engine(tmp_path)
+    with torch.no_grad():
+        engine.model.model.embed_tokens.weight[77] = float("nan")  # any sequence that holds token 77 is poisoned
+    good = [5, 6, 7, 8]
+    alone = fp32_engine(tmp_path).generate([good], GREEDY)[0].output_ids
+    bad = engine.add_request([1, 77, 3], GREEDY)
+    ok = engine.add_request(good, GREEDY)
+    first = engine.step()
+    assert (bad, -1) in first and bad.finish_reason == "error" and not bad.output_ids
+    while engine.has_work():
+        engine.step()
+    assert ok.output_ids == alone and ok.finish_reason == "length"
+    assert engine.pool.allocator.num_free == engine.pool.num_slots

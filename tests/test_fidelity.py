@@ -67,7 +67,7 @@ def test_engine_generates_past_its_slots_and_matches_full_when_nothing_is_evicte
     seq = tight.generate([prompt], GREEDY)[0]
     assert len(seq.output_ids) == 100 and seq.capacity == 56
     assert tight.compressor.evictions == 4
-    assert tight.pool.allocator.num_free == 56 and not tight.compressor.states
+    assert tight.pool.allocator.num_free == 56 and not tight.compressor.rows and not tight.compressor.attention
 
 
 def test_engine_prefills_a_prompt_longer_than_its_slots_when_not_pinned(tiny):

@@ -146,3 +146,31 @@ def test_gpu_captured_graphs_equal_eager_steps(policy, tmp_path):
     graphs = captured.runner.graphs
     assert graphs.capture and graphs.mempool is not None
     assert all(s.graph is not None for s in graphs.steps.values()) and len(graphs.steps) <= graphs.max_steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_decode_step_copies_to_the_host_once(tmp_path):
+    """A batched decode step on the graphs, with a query tap and sampling: one device-to-host copy (the tokens),
+    counted by CUDA's sync debug mode."""
+    import warnings
+
+    make_hf_model("qwen3", tmp_path)
+    evict = EvictionConfig(policy="triattention", stats="auto", **EVICT)
+    e = engine(tmp_path, "capture", device="cuda", dtype="bfloat16", evict=evict)
+    params = [SamplingParams(temperature=t, top_p=0.9, repetition_penalty=1.1, seed=i, max_tokens=60,
+                             ignore_eos=True) for i, t in enumerate((0.0, 0.8, 1.0))]
+    for p, ids in zip(params, prompts(3)):
+        e.add_request(ids, p)
+    for _ in range(8):  # prefill, then capture this bucket's graph
+        e.step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            e.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -36,3 +36,9 @@ def test_all_rows_padded_adds_nothing():
     sums = [torch.ones(2, 8, dtype=torch.float64, device=DEV) for _ in range(3)]
     query_stats_triton(q, torch.full((4,), -1, device=DEV), *sums)
     assert all(torch.equal(s, torch.ones_like(s)) for s in sums)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_gpu_sums_at_the_qwen3_32b_shape():
+    test_sums_match_reference(130, 64, 128, torch.bfloat16)

@@ -253,3 +253,26 @@ def test_device_rows_with_non_finite_logits_get_minus_one():
               SamplingParams(temperature=0.9, top_k=5, seed=1)]
     got = Sampler(torch.device("cpu"), 4).sample(logits, _seqs(params, [[1]] * 4))
     assert got[1] == got[2] == -1 and got[0] == logits[0].argmax() and got[3] in logits[3].topk(5).indices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_device_sampler_matches_reference():
+    """On CUDA: greedy (with penalties) equal to the reference exactly, seeded draws distributed as the exact
+    distribution, -1 for non-finite rows."""
+    logits = _logits(6, 1000, seed=8)
+    logits[4, 5] = float("nan")
+    histories = [[1, 2], [3], [9, 9, 400], [], [1], [999]]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=r) for r in (1.0, 1.3, 0.7, 1.0, 1.0, 2.0)]
+    got = Sampler(torch.device("cuda"), 6).sample(logits.cuda(), _seqs(params, histories))
+    ref = sample(logits, params, histories).tolist()
+    assert got[4] == -1 and [g for i, g in enumerate(got) if i != 4] == [r for i, r in enumerate(ref) if i != 4]
+    n, p = 3000, DRAWS[-1]
+    small = torch.tensor([2.0, 1.5, 1.2, 1.0, 0.8, 0.5, 0.3, 0.0, -0.5, -1.0, -2.0, -4.0])[None].expand(n, 12)
+    seeded = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
+    draws = torch.tensor(Sampler(torch.device("cuda"), n).sample(small.contiguous().cuda(), _seqs(seeded, [[0]] * n)))
+    exact = filter_logits(small[:1] / p.temperature, [p]).softmax(-1)[0].double() * n
+    counts = torch.bincount(draws, minlength=12).double()
+    cells = exact > 5
+    assert set(draws.tolist()) == set(exact.nonzero().flatten().tolist())
+    assert ((counts[cells] - exact[cells]) ** 2 / exact[cells]).sum() < CHI2_999[int(cells.sum()) - 2]

@@ -23,7 +23,8 @@ from openclaw.engine.sequence import Sequence
 from openclaw.models.layers import BatchMeta
 
 MIN_LEN_BUCKET = 256  # the smallest KV-length bound: shorter contexts would only shave partitions off tiny launches
-INPUT_ROWS = 5  # token, position, slot, slot base, length: the staged rows every step has (a tap adds its own)
+INPUT_ROWS = 5  # token, position, slot, slot base, length: the staged rows every step has
+TAP_ROWS = 2  # staged rows a tap may add (the compressor's ring row uses one)
 
 
 def batch_buckets(max_seqs: int) -> list[int]:
@@ -73,7 +74,7 @@ class DecodeGraphs:
         self.steps: dict[tuple[int, int, int], _Step] = {}  # (batch bucket, length bucket, tap rows) -> step
         self.logits = torch.empty(self.batch_buckets[-1], vocab, dtype=torch.float32, device=device)
         self.mempool = None  # one memory pool for every graph: they never run at once
-        rows = (INPUT_ROWS + 2) * self.batch_buckets[-1]  # room for a tap of two input rows
+        rows = (INPUT_ROWS + TAP_ROWS) * self.batch_buckets[-1]
         # staged in one pinned buffer (a fresh pinned tensor per token cost ~60 us of host time); `uploaded` marks when
         # the last copy out of it finished, so it is never overwritten early
         self.staging = torch.empty(rows, dtype=torch.long, pin_memory=self.capture)
@@ -98,6 +99,7 @@ class DecodeGraphs:
         its K/V written to the pool; tap: what the step records (its rows must be one per sequence)."""
         n = len(seqs)
         k = 0 if tap is None else len(tap.rows)
+        assert k <= TAP_ROWS, f"a tap of {k} input rows; the staging buffer holds {TAP_ROWS}"
         B, S = self.bucket(n, max(s.kv_len for s in seqs) + 1)
         values = np.empty((INPUT_ROWS + k, B), dtype=np.int64)
         values[:INPUT_ROWS, n:] = np.array([0, 0, -1, 0, 1])[:, None]  # padded rows: write nowhere, read slot 0
