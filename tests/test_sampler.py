@@ -217,7 +217,10 @@ def test_device_draws_match_reference_distribution(p):
     params = [SamplingParams(**{**p.__dict__, "seed": i}) for i in range(n)]
     exact = apply_repetition_penalty(logits[:1].clone(), [p], [history]) / (p.temperature or 1.0)
     exact = filter_logits(exact, [p]).softmax(-1)[0].double()
-    ours = torch.tensor(Sampler(torch.device("cpu"), n).sample(logits.contiguous(), _seqs(params, [history] * n)))
+    sampler, seqs = Sampler(torch.device("cpu"), n), _seqs(params, [history] * n)
+    for s in seqs:
+        sampler.add(s)  # each row draws on its own seeded generator: the draws are the same on every run
+    ours = torch.tensor(sampler.sample(logits.contiguous(), seqs))
     gens = [torch.Generator().manual_seed(i) for i in range(n)]
     ref = sample(logits.contiguous(), params, [history] * n, gens)
     for draws in (ours, ref):
@@ -276,3 +279,15 @@ def test_gpu_device_sampler_matches_reference():
     cells = exact > 5
     assert set(draws.tolist()) == set(exact.nonzero().flatten().tolist())
     assert ((counts[cells] - exact[cells]) ** 2 / exact[cells]).sum() < CHI2_999[int(cells.sum()) - 2]
+
+
+def test_device_penalty_rows_are_cleared_for_the_next_sequence():
+    """A penalized sequence's bitmap row, freed when it finishes, starts empty for the next one."""
+    logits = torch.zeros(1, 10)
+    logits[0, 3], logits[0, 4] = 5.0, 4.0
+    sampler = Sampler(torch.device("cpu"), 1)
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    first = Sequence([3, 3], p, max_len=100)
+    assert sampler.sample(logits, [first]) == [4]  # 3 was seen: 5 / 2 < 4
+    sampler.release(first)
+    assert sampler.sample(logits, [Sequence([7], p, max_len=100)]) == [3]

@@ -65,14 +65,14 @@ class _Step:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device, max_seqs: int, max_len: int,
-                 vocab: int, capture: bool = True):
-        """max_len: the longest cache a sequence can reach; vocab: the width of the model's logits."""
+                 capture: bool = True):
+        """max_len: the longest cache a sequence can reach."""
         self.model, self.pool, self.device = model, pool, device
         self.capture = capture and device.type == "cuda"
         self.batch_buckets = batch_buckets(max_seqs)
         self.len_buckets = len_buckets(max_len)
         self.steps: dict[tuple[int, int, int], _Step] = {}  # (batch bucket, length bucket, tap rows) -> step
-        self.logits = torch.empty(self.batch_buckets[-1], vocab, dtype=torch.float32, device=device)
+        self.logits: torch.Tensor | None = None  # [largest bucket, V] fp32, made by the first step (never in a capture)
         self.mempool = None  # one memory pool for every graph: they never run at once
         rows = (INPUT_ROWS + TAP_ROWS) * self.batch_buckets[-1]
         # staged in one pinned buffer (a fresh pinned tensor per token cost ~60 us of host time); `uploaded` marks when
@@ -144,6 +144,8 @@ class DecodeGraphs:
 
     def _forward(self, step: _Step) -> None:
         logits = self.model(step.inputs[0], step.inputs[1], step.meta, self.pool.k, self.pool.v)
+        if self.logits is None:  # a warm-up run comes before every capture, so this never allocates in one
+            self.logits = logits.new_empty(self.batch_buckets[-1], logits.shape[1])
         self.logits[:logits.shape[0]].copy_(logits)
 
     def _capture(self, step: _Step) -> torch.cuda.CUDAGraph:

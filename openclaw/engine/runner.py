@@ -40,9 +40,8 @@ class Runner:
         self.device = device
         self.graphs = None
         if graphs != "off":
-            vocab = model.config.vocab_size
             self.graphs = DecodeGraphs(model, pool, device, max_seqs, min(max_len or pool.num_slots, pool.num_slots),
-                                       vocab, capture=graphs == "capture")
+                                       capture=graphs == "capture")
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]], taps: Taps | None = None,

@@ -197,6 +197,8 @@ class Sampler:
         for i in penalized:
             seq = seqs[i]
             row, marked = self.seen_rows.get(seq.seq_id) or (self.free_rows.pop(), 0)
+            if not marked:
+                self.seen[row] = False  # a row freed by a finished sequence still holds its tokens
             new = [t for t in seq.token_ids[marked:] if 0 <= t < vocab]  # ids past the lm_head are never sampled
             mark_rows += [row] * len(new)
             mark_ids += new

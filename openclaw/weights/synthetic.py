@@ -91,8 +91,8 @@ def random_tensors(family: Family, cfg, layout: Layout | None, device: torch.dev
     for name, p in model.named_parameters():
         if name in seen or _fused(family, cfg, name) or family.checkpoint_target(name) is None:
             continue
-        if p.dim() == 2:  # an unquantized model's embedding / lm_head
-            yield name, torch.randn(p.shape, generator=g, device=device, dtype=dtype) / p.shape[1] ** 0.5
+        if p.dim() >= 2:  # an unquantized model's embedding / lm_head, any other matrix a family keeps
+            yield name, torch.randn(p.shape, generator=g, device=device, dtype=dtype) / p.shape[-1] ** 0.5
         else:  # norms
             yield name, torch.ones(p.shape, dtype=dtype, device=device)
 
