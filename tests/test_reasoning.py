@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from openclaw.config import SamplingParams
-from openclaw.engine.sequence import Sequence
 from openclaw.llm import Delta
 from openclaw.reasoning import ThinkSplitter, prompt_opens_thinking
 from openclaw.server.openai_api import Reply
@@ -93,12 +91,10 @@ def test_tool_calls_are_parsed_the_same_in_every_chunking(text, content, calls):
 
 def test_reply_sends_tool_calls_in_openai_shapes():
     text = "Checking.\n" + CALL
-    seq = Sequence([1, 2, 3], SamplingParams(), max_len=64)
     whole, stream = (Reply("chat", "m", 3, streaming, False, tools=True) for streaming in (False, True))
     chunks = []
     for i in range(0, len(text), 7):
-        seq.token_ids.append(0)
-        d = Delta(0, text[i:i + 7], seq, "stop" if i + 7 >= len(text) else None)
+        d = Delta(0, text[i:i + 7], i // 7 + 1, "stop" if i + 7 >= len(text) else None)
         whole.add(d)
         chunks += stream.chunks(d)
     choice = whole.final()["choices"][0]
@@ -111,5 +107,5 @@ def test_reply_sends_tool_calls_in_openai_shapes():
     assert streamed["index"] == 0 and streamed["function"] == call["function"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     plain = Reply("chat", "m", 3, False, False)  # no tools in the request: the text stays text
-    plain.add(Delta(0, text, seq, "stop"))
+    plain.add(Delta(0, text, 1, "stop"))
     assert plain.final()["choices"][0]["message"] == {"role": "assistant", "content": text}

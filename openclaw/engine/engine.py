@@ -1,8 +1,10 @@
 """Glue: model + KV pool + scheduler + runner + sampler + compressor. Token ids in, token ids out.
 
 A step is schedule -> runner.step -> scheduler.advance -> compress what is due -> sample -> scheduler.postprocess.
-Text (chat templates, detokenizing, stop strings) lives at the edges; stop strings reach the engine only as
-finish() calls from the edge that saw them. The engine never prints.
+Whatever goes wrong with one sequence (an exception in its forward, compression or sampling; non-finite logits) fails
+that sequence alone, with a message for its client; the others go on. Text (chat templates, detokenizing, stop
+strings) lives at the edges; stop strings reach the engine only as finish() calls from the edge that saw them. The
+engine never prints.
 """
 
 import logging
@@ -25,6 +27,9 @@ from openclaw.weights.loader import load_model
 
 log = logging.getLogger(__name__)
 
+# What min_tokens writes over the logits of eos and stop tokens: the lowest float16, finite in every dtype (so the
+# sampler's non-finite check still means a broken row) and never sampled
+MASKED_LOGIT = -65504.0
 CPU_KV_TOKENS = 32768  # the pool on the CPU when --kv-tokens is not given (the GPU's comes from the VRAM plan)
 # transformers' GenerationConfig defaults, used where the checkpoint's generation_config is silent
 HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -108,6 +113,10 @@ class Engine:
         self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
         self.compressor = Compressor.for_model(config.evict, self.model, self.pool)
         self.generators: dict[int, torch.Generator] = {}
+        # what a client reads when its row's logits are not finite; float16's narrow range is the usual cause
+        self.bad_row = ("the model's activations overflowed float16 (non-finite logits); rerun with --dtype bfloat16 "
+                        "or --dtype float32" if self.dtype == torch.float16 else
+                        "the model produced non-finite logits (NaN or inf) for this request")
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """The most tokens a request whose prompt has prompt_len tokens may generate: what the model's context
@@ -151,27 +160,97 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One forward over the scheduled batch; returns (sequence, new token) for each that sampled."""
+        """One forward over the scheduled batch; returns (sequence, new token) for each that sampled and (sequence, -1)
+        for each that failed in this step (finish_reason "error", Sequence.error says why)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, seqs = self.runner.step(batch, self.compressor.tap(batch))
-        self.scheduler.advance(batch)
+        logits, seqs = self._forward(batch)
+        self.scheduler.advance([(seq, n) for seq, n in batch if not seq.finished])
         for seq, _ in batch:
-            if self.compressor.due(seq):
-                self.compressor.evict(seq)
-                self.scheduler.compacted(seq, seq.kv_budget)
-        if not seqs:
-            return []
-        if self.dtype == torch.float16 and not torch.isfinite(logits).all():
-            raise OpenClawError("activations overflowed float16 (non-finite logits); rerun with --dtype bfloat16 "
-                                "or --dtype float32")
-        histories = [s.token_ids for s in seqs]
-        gens = [self.generators.get(s.seq_id) for s in seqs]
-        tokens = sample(logits, [s.params for s in seqs], histories, gens).tolist()
-        for seq in self.scheduler.postprocess(seqs, tokens):
+            if not seq.finished and self.compressor.due(seq):
+                try:
+                    self.compressor.evict(seq)
+                    self.scheduler.compacted(seq, seq.kv_budget)
+                except Exception as e:  # noqa: BLE001 (fail_on logs it; the other sequences go on)
+                    self.fail_on(seq, e)
+        failed = [seq for seq, _ in batch if seq.finished]
+        live = [i for i, seq in enumerate(seqs) if not seq.finished]
+        if len(live) < len(seqs):
+            logits, seqs = logits[live], [seqs[i] for i in live]
+        tokens = self._sample(logits, seqs) if seqs else []
+        for seq in self.scheduler.postprocess(seqs, tokens, self.bad_row):
             self._release(seq)
-        return list(zip(seqs, tokens))
+        return [(seq, -1) for seq in failed] + list(zip(seqs, tokens))
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """runner.step over the batch. When it raises, each sequence runs alone, so the exception fails only the
+        sequences that cause it (a rerun rewrites the same slots: nothing has advanced yet)."""
+        try:
+            return self.runner.step(batch, self.compressor.tap(batch))
+        except Exception as e:  # noqa: BLE001 (fail_on logs it; the other sequences go on)
+            if len(batch) == 1:
+                self.fail_on(batch[0][0], e)
+                return None, []
+        logits, seqs = [], []
+        for item in batch:
+            try:
+                part, sampled = self.runner.step([item], self.compressor.tap([item]))
+            except Exception as e:  # noqa: BLE001 (as above)
+                self.fail_on(item[0], e)
+                continue
+            logits.append(part)
+            seqs += sampled
+        return (torch.cat(logits) if logits else None), seqs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """sample() over the rows after min_tokens' masks, copied to the host once; an exception is tracked down
+        row by row and fails only the rows that raise (their token is -1)."""
+        self._mask_stops(logits, seqs)
+        try:
+            return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
+                          [self.generators.get(s.seq_id) for s in seqs]).tolist()
+        except Exception as e:  # noqa: BLE001 (as above)
+            if len(seqs) == 1:
+                self.fail_on(seqs[0], e)
+                return [-1]
+        tokens = []
+        for i, seq in enumerate(seqs):
+            try:
+                tokens += self._sample(logits[i:i + 1], [seq])
+            except Exception as e:  # noqa: BLE001 (as above)
+                self.fail_on(seq, e)
+                tokens.append(-1)
+        return tokens
+
+    @torch.inference_mode()  # the runner's logits are inference tensors: written in place only in this mode
+    def _mask_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """min_tokens: a sequence with fewer output tokens cannot sample eos or its stop_token_ids yet."""
+        rows, cols = [], []
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if len(seq.output_ids) < p.min_tokens:
+                ids = {t for t in (set() if p.ignore_eos else self.eos_ids) | set(p.stop_token_ids)
+                       if t < logits.shape[1]}
+                rows += [i] * len(ids)
+                cols += sorted(ids)
+        if rows:
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = MASKED_LOGIT
+
+    def fail_on(self, seq: Sequence, e: BaseException) -> None:
+        """seq's step raised e: an OpenClawError is the request's own fault and reaches its client as it is; anything
+        else is a bug, logged with its traceback."""
+        if isinstance(e, OpenClawError):
+            self.fail(seq, str(e), input_error=True)
+            return
+        log.error("sequence %d failed in an engine step", seq.seq_id, exc_info=e)
+        self.fail(seq, f"the engine failed on this request ({type(e).__name__}: {e}); the server log has the details")
+
+    def fail(self, seq: Sequence, message: str, input_error: bool = False) -> None:
+        """End a sequence with finish_reason "error" and a message for its client; the others go on."""
+        if not seq.finished:
+            self.scheduler.fail(seq, message, input_error)
+            self._release(seq)
 
     def inject(self, seq: Sequence, token_ids: list[int]) -> bool:
         """Append tokens the model did not sample (Scheduler.inject); False when they do not fit."""

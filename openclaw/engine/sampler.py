@@ -1,7 +1,8 @@
 """Logits -> next tokens, one SamplingParams per row, in Hugging Face's order and with its semantics.
 
-Repetition penalty, temperature, top-k, top-p, min-p, then torch.multinomial with the row's own generator.
-It does not fill defaults (SamplingParams.with_defaults does) nor track history (the caller passes it).
+Repetition penalty, temperature, top-k, top-p, min-p, then torch.multinomial with the row's own generator. A row
+whose logits are not finite gets token -1 instead, so one bad row never fails the batch. It does not fill defaults
+(SamplingParams.with_defaults does) nor track history (the caller passes it).
 """
 
 import torch
@@ -76,18 +77,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
            generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """Next token per row. logits: [N, V] any float dtype; histories: prompt+generated ids per row (for the
     repetition penalty); generators: per-row RNG (seeded requests), None rows use torch's default RNG.
-    Returns LongTensor [N] on logits' device. Greedy rows (temperature 0) take the lowest-index argmax."""
+    Returns LongTensor [N] on logits' device. Greedy rows (temperature below GREEDY_BELOW) take the lowest-index
+    argmax. A row whose logits are not all finite, or stop being so under its penalty or temperature, gets -1: the
+    check stays on the device and reaches the host with the tokens (no extra sync)."""
     n = logits.shape[0]
     assert len(params) == n, f"{len(params)} SamplingParams for {n} logit rows"
     logits = logits.float()  # a new tensor for half dtypes; cloned below before any in-place change
     if histories is not None and any(_penalty(p) != 1.0 for p in params):
         logits = apply_repetition_penalty(logits.clone(), params, histories)
+    ok = torch.isfinite(logits).all(dim=-1)
     greedy = [p.greedy for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return torch.where(ok, logits.argmax(dim=-1), -1)
 
-    temps = torch.tensor([_temperature(p) or 1.0 for p in params], device=logits.device)
+    temps = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=logits.device)
     scaled = logits / temps.unsqueeze(1)
+    ok &= torch.isfinite(scaled).all(dim=-1)
+    # a bad row's probabilities would make multinomial raise (or assert on a GPU): it draws from uniform ones
+    scaled = scaled.masked_fill(~ok.unsqueeze(1), 0.0)
     if any(_filters_anything(p) for p, g in zip(params, greedy) if not g):
         scaled = filter_logits(scaled, params)
     probs = scaled.softmax(dim=-1)
@@ -101,4 +108,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
     for i in range(n):
         if not greedy[i] and gens[i] is not None:
             out[i] = _multinomial(probs[i], gens[i])
-    return out
+    return torch.where(ok, out, -1)
