@@ -6,6 +6,7 @@ model computes anyway). Files use the reference plugin's format (TRIATTENTION.md
 torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
 """
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,8 @@ class QueryStats:
 
 
 def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int) -> None:
-    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}."""
+    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}, through a
+    temporary file renamed into place (an interrupted write never leaves a file that half loads)."""
     L, H, F = stats.mu_re.shape
     payload = {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)],
                             "head_dim": 2 * F, "rope_style": ROPE_STYLE, "model_name": model_name,
@@ -64,11 +66,20 @@ def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, 
                                                             "q_mean_imag": stats.mu_im[layer, h].cpu().contiguous(),
                                                             "q_abs_mean": stats.a_mean[layer, h].cpu().contiguous()}
                          for layer in range(L) for h in range(H)}}
-    torch.save(payload, path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OpenClawError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor) -> TriStats:
-    """Read a stats file (ours or the reference plugin's) for a model of these shapes; refuse any mismatch."""
+    """Read a stats file (ours or the reference plugin's) for a model of these shapes; refuse any mismatch, and any
+    malformed file, with one line."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -77,6 +88,15 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
         raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {e})")
     if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
         raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
+    try:
+        return _parse_stats(path, data, num_layers, num_heads, head_dim, omega)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # fields of wrong kinds
+        raise OpenClawError(f"{path} is a malformed stats file ({type(e).__name__}: {e}); calibrate again with "
+                            "`openclaw calibrate`") from None
+
+
+def _parse_stats(path: Path, data: dict, num_layers: int, num_heads: int, head_dim: int,
+                 omega: torch.Tensor) -> TriStats:
     meta = data["metadata"]
     name = meta.get("model_name", "?")
     if meta.get("head_dim") != head_dim:
@@ -105,6 +125,8 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
             x = torch.as_tensor(entry[field]).float().flatten()
             if x.numel() != F:
                 raise OpenClawError(f"{path}: {field} of layer {layer} head {h} has {x.numel()} bands, expected {F}")
+            if not torch.isfinite(x).all():
+                raise OpenClawError(f"{path}: {field} of layer {layer} head {h} is not finite; calibrate again")
             out[i, layer, h] = x
     return TriStats(out[0], out[1], out[2], omega.float())
 

@@ -8,6 +8,7 @@ at load. Sentencepiece vocabularies and llama3-style rope_freqs are not handled 
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from openclaw.errors import OpenClawError
 from openclaw.models import FAMILIES
+from openclaw.weights.gguf_header import check_header
+from openclaw.weights.integrity import RECORD, damage, read_files, write_record
 
 # Part of the cache key: bump it when the output changes so directories written by an older importer are not reused.
 FORMAT_VERSION = 1
@@ -51,12 +54,14 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int], None] | None = None,
-                quantized: bool = False) -> Path:
+                quantized: bool = False, verify: bool = False) -> Path:
     """The HF directory converted from `gguf_path`, converting it under `cache_dir / "gguf"` on the first call.
 
     `progress(done_tensors, total_tensors)` is called after each tensor of a conversion. quantized=True writes no
     weights: the directory links to the GGUF file (model.gguf) and its config.json says quantization_config
     {"quant_method": "gguf"}, so the loader streams the file's blocks through openclaw.weights.gguf_blocks, still quantized.
+    A converted directory is checked against the record written with it (sizes; sha256 with verify) each time it is
+    reused, and converted again when it fails: a file cut short, deleted or (verify) changed is never loaded.
     """
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -66,7 +71,10 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
         name += "-q-" + hashlib.sha256(str(gguf_path.resolve()).encode()).hexdigest()[:8]
     final = Path(cache_dir) / "gguf" / name
     if final.is_dir():
-        return final
+        files = read_files(final, RECORD)
+        if files is not None and damage(final, files, verify) is None:
+            return final
+        _set_aside(final)  # damaged, or from before records: built again below
 
     reader = _open(gguf_path)
     arch = architecture(reader, gguf_path)
@@ -87,6 +95,7 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
             else:
                 _write_tensors(tmp, plan, progress)
             _write_metadata(tmp, config, tokenizer, tokenizer_config)
+            write_record(tmp)
             try:
                 tmp.rename(final)
             except OSError:
@@ -99,6 +108,19 @@ def import_gguf(gguf_path: Path, cache_dir: Path, progress: Callable[[int, int],
             f"Could not write the converted model under {final.parent} ({exc}); free disk space or use another cache dir."
         ) from exc
     return final
+
+
+def _set_aside(directory: Path) -> None:
+    """Move a damaged conversion out of the way (a rename, so a process still reading it keeps its files), then
+    delete it; another process that set it aside first is fine."""
+    aside = directory.with_name(f".{directory.name}.damaged-{os.getpid()}")
+    try:
+        directory.rename(aside)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OpenClawError(f"{directory} is damaged and could not be moved aside ({exc}); delete that directory") from exc
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def architecture(reader: gguf.GGUFReader, path: Path) -> str:
@@ -122,6 +144,7 @@ def _fingerprint(path: Path) -> str:
 
 
 def _open(path: Path) -> gguf.GGUFReader:
+    check_header(path)  # before GGUFReader allocates for what the header claims
     try:
         return gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct/index errors, ... on bad or truncated bytes
