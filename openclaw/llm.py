@@ -62,7 +62,7 @@ class LLM:
                                                         pick_device(config.device).type == "cuda"))
         self.config = config
         self.model_dir = resolve_model(config.model, config.cache_dir, progress=progress,
-                                       quantized=config.quantize == "nf4")
+                                       quantized=config.quantize == "nf4", verify=config.verify)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids, progress=progress)
 

@@ -27,9 +27,10 @@ from openclaw.weights.loader import load_model
 
 log = logging.getLogger(__name__)
 
-# What min_tokens writes over the logits of eos and stop tokens: the lowest float16, finite in every dtype (so the
-# sampler's non-finite check still means a broken row) and never sampled
-MASKED_LOGIT = -65504.0
+# What min_tokens writes over the float32 logits of eos and stop tokens: never sampled under any penalty (x 1e-4) and
+# still finite under any penalty and temperature (x 1e4 / 1e-5), so the sampler's non-finite check keeps meaning a
+# broken row
+MASKED_LOGIT = -1e20
 CPU_KV_TOKENS = 32768  # the pool on the CPU when --kv-tokens is not given (the GPU's comes from the VRAM plan)
 # transformers' GenerationConfig defaults, used where the checkpoint's generation_config is silent
 HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -206,7 +207,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """sample() over the rows after min_tokens' masks, copied to the host once; an exception is tracked down
         row by row and fails only the rows that raise (their token is -1)."""
-        self._mask_stops(logits, seqs)
+        logits = self._mask_stops(logits, seqs)
         try:
             return sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs],
                           [self.generators.get(s.seq_id) for s in seqs]).tolist()
@@ -224,8 +225,9 @@ class Engine:
         return tokens
 
     @torch.inference_mode()  # the runner's logits are inference tensors: written in place only in this mode
-    def _mask_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """min_tokens: a sequence with fewer output tokens cannot sample eos or its stop_token_ids yet."""
+    def _mask_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """min_tokens: a sequence with fewer output tokens cannot sample eos or its stop_token_ids yet. Returns the
+        logits, in float32 where a row was masked."""
         rows, cols = [], []
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -235,7 +237,9 @@ class Engine:
                 rows += [i] * len(ids)
                 cols += sorted(ids)
         if rows:
+            logits = logits.float()
             logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = MASKED_LOGIT
+        return logits
 
     def fail_on(self, seq: Sequence, e: BaseException) -> None:
         """seq's step raised e: an OpenClawError is the request's own fault and reaches its client as it is; anything

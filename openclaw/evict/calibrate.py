@@ -85,7 +85,8 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
     except FileNotFoundError:
         raise OpenClawError(f"stats file {path} does not exist; make one with `openclaw calibrate`")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # incl. files needing code
-        raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {e})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's refusals run over many lines
+        raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {first})") from None
     if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
         raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
     try:

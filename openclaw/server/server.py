@@ -320,6 +320,8 @@ class Server(ThreadingHTTPServer):
         self.api, self.loop, self.log = api, loop, log
         self.config = api.limits
         self.connections = threading.BoundedSemaphore(self.config.max_connections)
+        self.open: set[socket.socket] = set()  # connections with a handler thread, closed by server_close
+        self.open_lock = threading.Lock()
 
     def process_request(self, request, client_address) -> None:
         """A thread per connection, up to max_connections; past that a 503 at once, so that stalled clients can never
@@ -334,17 +336,36 @@ class Server(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        with self.open_lock:
+            self.open.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started: give the slot back
-            self.connections.release()
+            self._closed(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.release()
+            self._closed(request)
+
+    def _closed(self, request) -> None:
+        with self.open_lock:
+            self.open.discard(request)
+        self.connections.release()
+
+    def server_close(self) -> None:
+        """Stop listening and end every open connection, so no handler thread outlives the server (idle keep-alive
+        connections would otherwise hold theirs until the read timeout)."""
+        super().server_close()
+        with self.open_lock:
+            connections = list(self.open)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
