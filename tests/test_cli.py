@@ -185,17 +185,15 @@ def test_unknown_quantization_config(prompt, tmp_path, smol_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("template, needle", [("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
-                                              ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-                                               "RecursionError")])
-def test_runaway_templates_are_one_line(prompt, tmp_path, smol_dir, template, needle):
-    """Both ended in raw tracebacks with exit code 1."""
+def test_a_runaway_template_is_one_line(prompt, tmp_path, smol_dir):
+    """range(10**9) (and recursion) ended in raw tracebacks with exit code 1; test_tokenizer covers the other runaway
+    templates in-process."""
     model = tiny_dir(tmp_path / "m", smol_dir)
-    (model / "chat_template.jinja").write_text(template)
+    (model / "chat_template.jinja").write_text("{% for i in range(10**9) %}x{% endfor %}")
     r = openclaw("run", prompt, "--model", model, cache=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     loaded, error = r.stderr.strip().splitlines()  # the template runs once the model is loaded
-    assert loaded.startswith("loaded m on cpu") and error.startswith("error: the chat template") and needle in error
+    assert loaded.startswith("loaded m on cpu") and error.startswith("error: the chat template") and "Range" in error
 
 
 class Pickled:
@@ -213,7 +211,7 @@ def test_malformed_and_pickled_stats_files_are_one_line(prompt, tmp_path, smol_d
     torch.save({"metadata": {"head_dim": 16, "sampled_heads": [["a", 0]]}, "stats": {}}, tmp_path / "bad.pt")
     with (tmp_path / "evil.pt").open("wb") as f:
         pickle.dump({"metadata": Pickled()}, f, protocol=2)
-    for name, needle in (("bad.pt", "malformed stats file"), ("evil.pt", "not a loadable stats file")):
+    for name, needle in (("bad.pt", "malformed stats file"), ("evil.pt", "not a loadable stats file")):  # 2 runs
         r = openclaw("run", prompt, "--model", model, "--evict", "triattention", "--stats", tmp_path / name,
                      "--kv-budget", "256", cache=tmp_path)
         assert_one_line_error(r, name, needle)
@@ -224,7 +222,6 @@ def _safetensors(header: bytes, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(header)) + header + data
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("raw", [
     struct.pack("<Q", 2**62) + b"{}",  # a header length past the file
     _safetensors(b"{not json"),
@@ -235,10 +232,17 @@ def _safetensors(header: bytes, data: bytes = b"") -> bytes:
     _safetensors(json.dumps({"a": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 16]}}).encode(),
                  bytes(16)),
 ])
-def test_crafted_safetensors_are_refused_with_one_line(prompt, tmp_path, smol_dir, raw):
-    model = tiny_dir(tmp_path / "m", smol_dir)
-    (model / "model.safetensors").write_bytes(raw)
-    assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "model.safetensors")
+def test_crafted_safetensors_are_refused_with_one_line(tmp_path, raw):
+    """The loader's refusal is an OpenClawError of one line, which the CLI prints as is (exit code 2)."""
+    torch = pytest.importorskip("torch")
+    from openclaw.errors import OpenClawError
+    from openclaw.weights.loader import load_model
+
+    make_hf_model("llama", tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(raw)
+    with pytest.raises(OpenClawError, match="model.safetensors") as e:
+        load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert "\n" not in str(e.value)
 
 
 def test_a_crafted_gguf_header_is_one_line_before_any_big_allocation(prompt, tmp_path):
@@ -252,10 +256,9 @@ def test_a_crafted_gguf_header_is_one_line_before_any_big_allocation(prompt, tmp
 @pytest.mark.slow
 def test_a_damaged_conversion_is_rebuilt_with_verify(prompt, tmp_path, smollm2_gguf):
     """16 MiB overwritten in the middle of the converted weights gave garbage with exit 0; --verify finds the damage
-    and converts again, and a truncated file (found by its size, always) is rebuilt instead of leaving the run
-    stuck."""
+    and converts again (test_gguf_import rebuilds truncated and deleted files, found by their sizes at every load)."""
     def run(*flags):
-        return openclaw("run", prompt, "--model", smollm2_gguf, "--temperature", "0", "--max-tokens", "12", *flags,
+        return openclaw("run", prompt, "--model", smollm2_gguf, "--temperature", "0", "--max-tokens", "8", *flags,
                         cache=tmp_path)
 
     first = run()
@@ -267,5 +270,3 @@ def test_a_damaged_conversion_is_rebuilt_with_verify(prompt, tmp_path, smollm2_g
     weights.write_bytes(bytes(data))
     again = run("--verify")
     assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
-    weights.write_bytes(bytes(data[:middle]))
-    assert run().stdout == first.stdout

@@ -52,13 +52,13 @@ class _Walk:
     def left(self, n: int) -> None:
         """Refuse a claim of n more bytes than the file has left."""
         if n > self.size - self.f.tell():
-            raise OpenClawError(f"{self.path}: its GGUF header claims {n} bytes past its end; the file is damaged or "
-                                "truncated, re-download it")
+            raise OpenClawError(f"{self.path} is not a readable GGUF file: its header claims {n} bytes past its end; "
+                                "it may be truncated, re-download it")
 
     def bound(self, count: int, limit: int, what: str) -> None:
         if count > limit:
-            raise OpenClawError(f"{self.path}: its GGUF header claims {count} {what}, over the {limit} OpenClaw reads; "
-                                "the file is damaged or not a model, re-download it")
+            raise OpenClawError(f"{self.path} is not a readable GGUF file: its header claims {count} {what}, over the "
+                                f"{limit} OpenClaw reads; it is damaged or not a model, re-download it")
 
     def unpack(self, fmt: str) -> int:
         n = struct.calcsize(fmt)
@@ -88,5 +88,5 @@ class _Walk:
                 for _ in range(count):
                     self.value(item, depth + 1)
         else:
-            raise OpenClawError(f"{self.path}: its GGUF header has a value of unknown type {kind}; the file is "
-                                "damaged or from a newer format, re-download it")
+            raise OpenClawError(f"{self.path} is not a readable GGUF file: its header has a value of unknown type "
+                                f"{kind}; it is damaged or from a newer format, re-download it")
