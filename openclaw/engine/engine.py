@@ -102,8 +102,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         kv_tokens = config.kv_tokens or (CPU_KV_TOKENS if self.plan is None else
                                          min(self.plan.kv_tokens, config.max_seqs * self.max_model_len))
-        self.pool = KVPool(mc.num_hidden_layers, kv_tokens, mc.num_key_value_heads, mc.head_dim, self.dtype,
-                           self.device)
+        self.pool = KVPool.for_config(mc, kv_tokens, self.dtype, self.device)
         self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens, self.eos_ids)
         self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
         self.compressor = Compressor.for_model(config.evict, self.model, self.pool)

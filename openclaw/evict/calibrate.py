@@ -129,7 +129,7 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
     device, dtype = norm.device, norm.dtype
     stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
     tap = StatsTap(stats, cfg.num_hidden_layers)
-    pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    pool = KVPool.for_config(cfg, context, dtype, device)
     runner = Runner(model, pool, device, cuda_graphs=False)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]

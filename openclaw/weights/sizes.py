@@ -31,14 +31,14 @@ def weight_bytes(cfg, dtype_bytes: int, layout: Layout | None) -> int:
 
 
 def quantized_weight_bytes(tensors: list[tuple[str, tuple[int, ...], Layout | None]], dtype_bytes: int,
-                           tied: bool, family: Family) -> int:
+                           tied: bool, family: Family, cfg: object = None) -> int:
     """Bytes the loader allocates for a quantized model, from its checkpoint tensors (HF name, shape, Layout; None
     for a full-precision one): parts fused into one module (q/k/v, gate/up) are stacked into one weight when they
     share a layout, else kept apart, each in its own (the loader's rule, openclaw.weights.loader._fuse; one lut for a
     stack); full-precision 2-D weights become 8-bit; 1-D tensors (norms, biases) stay in the dtype."""
     total, fused = 0, {}
     for name, shape, layout in tensors:
-        target = family.checkpoint_target(name)
+        target = family.checkpoint_target(cfg, name)
         if target is None or (tied and name == "lm_head.weight"):
             continue  # the loader skips these too
         if len(shape) != 2:
