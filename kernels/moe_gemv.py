@@ -97,8 +97,8 @@ def _kernel_layout(qw: QuantWeight) -> bool:
 
 def moe_gemv_triton(x: torch.Tensor, qw: QuantWeight, ids: torch.Tensor, n: int, x_div: int = 1,
                     up: QuantWeight | None = None, scale: torch.Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """moe_gemv as one Triton launch (CPU tensors run in Triton's interpreter)."""
+                    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """moe_gemv as one Triton launch (CPU tensors run in Triton's interpreter), into out when given."""
     M, K = x.shape
     R = ids.numel()
     assert qw.shape[1] == K and qw.shape[0] % n == 0 and not qw.tiled, f"x {tuple(x.shape)} vs experts {qw.shape}"
@@ -106,7 +106,8 @@ def moe_gemv_triton(x: torch.Tensor, qw: QuantWeight, ids: torch.Tensor, n: int,
     assert up is None or (up.shape == qw.shape and up.layout == qw.layout and not up.tiled), "up must match qw"
     assert scale is None or scale.shape == (R,)
     assert _kernel_layout(qw), f"group {qw.group} must be a power of two >= 16"
-    y = torch.empty(R, n, dtype=out_dtype or x.dtype, device=x.device)
+    y = torch.empty(R, n, dtype=out_dtype or x.dtype, device=x.device) if out is None else out
+    assert y.shape == (R, n) and y.stride(1) == 1
     if R == 0:
         return y
     ids = ids.reshape(-1).contiguous()

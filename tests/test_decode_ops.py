@@ -162,9 +162,9 @@ def ops(fused: bool):
     """The models' kernel ops forced onto their Triton kernels (fused; Triton's interpreter on CPU tensors) or their
     references, whatever the device."""
     forced = {openclaw.models.layers: {"add_rmsnorm": (add_rmsnorm_triton, add_rmsnorm_ref),
-                                       "decode_attention": (decode_attention_triton, _decode_attention_ref)},
-              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref),
-                                      "silu_mul": (silu_mul_triton, silu_mul_ref)}}
+                                       "decode_attention": (decode_attention_triton, _decode_attention_ref),
+                                       "silu_mul": (silu_mul_triton, silu_mul_ref)},
+              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref)}}
     with pytest.MonkeyPatch.context() as mp:
         for module, names in forced.items():
             for name, (kernel, ref) in names.items():
