@@ -62,7 +62,7 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
     seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids), prompt_len=prompt_len,
                    kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length)
     pool = KVPool.for_config(mc, seq.slots_needed(), dtype, device)
-    comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
+    comp = Compressor(cfg, pool, mc.num_attention_heads, model.bands.omega, stats, model.bands)
     runner = Runner(model, pool, device, cuda_graphs=False)
     scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
     scheduler.add(seq)
