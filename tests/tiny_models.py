@@ -79,3 +79,31 @@ def quantized_copy(src, dst, bits: int = 4, group: int = 32, mixed: bool = False
     cfg = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "openclaw"}}))
     return ref
+
+
+GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+                "<think>", "</think>"]
+# GLM-4.7's shape of a chat: [gMASK]<sop>, role tokens, thinking opened by the generation prompt unless disabled
+GLM_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{{ '</think>' if enable_thinking is defined and "
+                "not enable_thinking else '<think>' }}{% endif %}")
+
+
+def add_char_tokenizer(path: Path, vocab_size: int = 128) -> list[int]:
+    """A character-level tokenizer for a tiny model dir: GLM's special tokens, printable ASCII and newline, special
+    fillers up to vocab_size (the first also the unknown token), GLM_TEMPLATE and GLM's stop tokens. -> eos ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    fill = [f"<|p{i}|>" for i in range(vocab_size - len(GLM_SPECIALS) - len(chars))]
+    vocab = {t: i for i, t in enumerate(GLM_SPECIALS + chars + fill)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=fill[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_SPECIALS + fill])
+    tok.save(str(path / "tokenizer.json"))
+    eos = [vocab[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": GLM_TEMPLATE,
+                                                            "eos_token": "<|endoftext|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return eos
