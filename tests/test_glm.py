@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from openclaw.kernels.qlinear import quantize_rtn
 from openclaw.models.glm4_moe_lite import checkpoint_target
 from openclaw.models.layers import BatchMeta
 from openclaw.models.moe import route
@@ -18,6 +19,8 @@ from openclaw.engine.engine import Engine
 from openclaw.engine.kv_pool import KVPool
 from openclaw.errors import OpenClawError
 from openclaw.weights.checkpoint import parse_config
+from openclaw.weights.formats import quantize_nf4
+from openclaw.weights.layout import rtn_group
 from openclaw.weights.loader import load_model
 
 VARIANTS = {
@@ -133,3 +136,33 @@ def test_softmax_routing_is_refused_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"scoring_func": "softmax"}))
     with pytest.raises(OpenClawError, match="sigmoid"):
         load_model(tmp_path, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["glm4", "glm4_moe_lite"])
+def test_nf4_at_load_runs_the_nf4_rounded_checkpoint(kind, tmp_path):
+    """bf16 -> NF4 at load (how the manifest loads both GLMs): every decoder projection NF4, the experts stacked in
+    checkpoint order, kv_b_proj and the router untouched, embeddings and lm_head 8-bit: the logits equal the
+    full-precision model of the same checkpoint with those weights rounded by hand."""
+    sizes = {"hidden_size": 128, "intermediate_size": 128}
+    if kind == "glm4_moe_lite":
+        sizes |= {"moe_intermediate_size": 64, "q_lora_rank": 64, "kv_lora_rank": 64, "v_head_dim": 32}
+    make_hf_model(kind, tmp_path / "hf", **sizes)
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, t in sd.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            sd[name] = quantize_rtn(t, 8, rtn_group(t.shape[1])).dequantize()
+        elif name.endswith("proj.weight") and "kv_b_proj" not in name or name.endswith("mqa.weight"):
+            assert t.shape[1] % 64 == 0, name
+            sd[name] = quantize_nf4(t).dequantize()
+    (tmp_path / "ref").mkdir()
+    save_file(sd, str(tmp_path / "ref" / "model.safetensors"))
+    (tmp_path / "ref" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    ours = load_model(tmp_path / "hf", torch.device("cpu"), torch.float32, nf4=True)
+    proj = "mlp.experts.gate_proj" if kind == "glm4_moe_lite" else "self_attn.qkv_proj"
+    assert ours.get_submodule(f"model.layers.1.{proj}").qweight.lut is not None  # NF4's code table
+    if kind == "glm4_moe_lite":
+        assert ours.get_submodule("model.layers.1.self_attn.kv_b_proj").weight.dtype == torch.float32
+        assert ours.get_submodule("model.layers.1.mlp.gate").weight.dtype == torch.float32
+    ids = ids_of(40, 7)
+    ref = full_forward(load_model(tmp_path / "ref", torch.device("cpu"), torch.float32), ids)
+    torch.testing.assert_close(full_forward(ours, ids), ref, rtol=1e-4, atol=1e-4)

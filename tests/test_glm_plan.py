@@ -53,6 +53,9 @@ def test_planned_nf4_bytes_equal_allocated(kind, tmp_path):
     make_hf_model(kind, tmp_path, hidden_size=128, intermediate_size=128, **(
         {"moe_intermediate_size": 64, "q_lora_rank": 64, "kv_lora_rank": 64} if kind == "glm4_moe_lite" else {}))
     model = load_model(tmp_path, torch.device("cpu"), torch.bfloat16, nf4=True)
+    if kind == "glm4_moe_lite":  # routers in fp32 in a bf16 model (Family.fp32), counted at 4 bytes
+        router = model.get_submodule("model.layers.1.mlp.gate")
+        assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
     extra = checkpoint_weight_bytes(tmp_path, 2, nf4=True) - loaded_bytes(model)
     assert 0 <= extra <= 64 * len(model.config.linear_shapes()), extra
 
