@@ -12,6 +12,7 @@ from openclaw.models.glm4_moe_lite import checkpoint_target
 from openclaw.models.layers import BatchMeta
 from openclaw.models.moe import route
 from safetensors.torch import load_file, save_file
+from test_quant_formats import AWQ_CONFIG, assert_same_greedy, awq_pack, awq_quantize, write_reference
 from tiny_models import full_forward, make_hf_model, quantized_copy
 
 from openclaw.config import EngineConfig, SamplingParams
@@ -166,3 +167,29 @@ def test_nf4_at_load_runs_the_nf4_rounded_checkpoint(kind, tmp_path):
     ids = ids_of(40, 7)
     ref = full_forward(load_model(tmp_path / "ref", torch.device("cpu"), torch.float32), ids)
     torch.testing.assert_close(full_forward(ours, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["glm4", "glm4_moe_lite"])
+def test_awq_checkpoint_equals_its_dequantized_reference(kind, tmp_path):
+    """AutoAWQ's GEMM layout of every projection (q/k rows permuted at load as QuantWeights; a quantized kv_b_proj
+    dequantized into the dense weight the MLA absorbs; experts stacked): greedy tokens and logits of the
+    dequantized checkpoint."""
+    sizes = {"hidden_size": 128, "intermediate_size": 128}
+    sizes |= {"head_dim": 32} if kind == "glm4" else {"moe_intermediate_size": 128, "q_lora_rank": 128,
+                                                       "kv_lora_rank": 128, "v_head_dim": 32}
+    make_hf_model(kind, tmp_path / "hf", **sizes)
+    tensors, reference = {}, {}
+    for name, w in load_file(str(tmp_path / "hf" / "model.safetensors")).items():
+        if name.endswith(("proj.weight", "mqa.weight")) and "embed" not in name:
+            q, z, s = awq_quantize(w)
+            base = name[: -len(".weight")]
+            tensors |= {f"{base}.qweight": awq_pack(q), f"{base}.qzeros": awq_pack(z), f"{base}.scales": s}
+            reference[name] = ((q - z.repeat_interleave(128, 0)) * s.float().repeat_interleave(128, 0)).T
+        else:
+            tensors[name] = w if "mlp.gate." in name else w.half()  # the router stays fp32 in AWQ files
+            reference[name] = tensors[name].float()
+    (tmp_path / "awq").mkdir()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "awq" / "config.json").write_text(json.dumps(config | {"quantization_config": AWQ_CONFIG}))
+    save_file(tensors, str(tmp_path / "awq" / "model.safetensors"))
+    assert_same_greedy(tmp_path / "awq", write_reference(tmp_path / "awq", tmp_path / "ref", reference), atol=5e-3)
