@@ -97,8 +97,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     if quantized and cfg.tie_word_embeddings:
         del qmodules["lm_head.weight"]  # shares the embedding's weight, set below
     loaded: set[str] = set()
-    expected = {f"{pname}#{i}" for pname in [*params, *qmodules] for i in range(max(1, len(family.packed_sizes(cfg,
-                                                                                                          pname))))}
+    expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
+                for i in range(max(1, len(family.packed_sizes(cfg, pname))))}
     method = quant_method(raw)
     what = "quantizing to NF4" if nf4 and method is None else f"loading {method} weights" if method else "loading"
     pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
