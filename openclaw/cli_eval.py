@@ -72,8 +72,8 @@ def _stats(stats: str | None, model):
 
     if stats is None or stats == "auto":
         return None
-    mc = model.config
-    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim, model.rope.inv_freq)
+    mc, bands = model.config, model.bands
+    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, bands.width, bands.omega, bands)
 
 
 def _csv(values: str, kind=str) -> list:
@@ -101,8 +101,8 @@ def calibrate(
         raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
     t0 = time.perf_counter()
     qs = run_calibration(model, ids, CALIBRATION_CONTEXT)
-    stats = qs.tri_stats(model.rope.inv_freq)
-    save_stats(out_path, stats, name, model.config.num_key_value_heads, qs.tokens)
+    stats = qs.tri_stats(model.bands.omega)
+    save_stats(out_path, stats, name, model.config.cache_shape()[0], qs.tokens, model.bands)
     report = concentration(stats)
     table = Table("layer", "mean R", "heads with dominant-band R > 0.95")
     for layer, (r, share) in enumerate(zip(report.mean_r, report.share_concentrated)):

@@ -16,8 +16,9 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from openclaw.errors import OpenClawError
+from openclaw.weights.gguf_arch import unpermute as _unpermute
 from openclaw.weights.gguf_header import check_header
-from openclaw.weights.gguf_import import _unpermute, import_gguf
+from openclaw.weights.gguf_import import import_gguf
 from openclaw.weights.integrity import RECORD, damage
 
 DATA = Path(__file__).parent / "data"
@@ -263,7 +264,7 @@ def test_unsupported_files_are_rejected(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(OpenClawError, match="'mamba' model; the GGUF importer supports only llama, qwen2, qwen3"):
+    with pytest.raises(OpenClawError, match="'mamba' model; the GGUF importer supports llama, qwen2, qwen3, glm4, deepseek2"):
         import_gguf(arch, tmp_path / "cache")
 
     _write_tiny_gguf(tmp_path / "q8_1.gguf", "llama", raw_tensor=gguf.GGMLQuantizationType.Q8_1)

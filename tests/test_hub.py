@@ -22,15 +22,30 @@ SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key
 def dense_params(arch: str, c: dict) -> int:
     h, hd, heads, kv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     attn = 2 * h * heads * hd + 2 * h * kv * hd
-    attn += {"qwen3": 2 * hd, "qwen2": heads * hd + 2 * kv * hd}.get(arch, 0)  # q/k norms; q/k/v biases
+    attn += {"qwen3": 2 * hd, "qwen2": heads * hd + 2 * kv * hd,  # q/k norms; q/k/v biases
+             "glm4": heads * hd + 2 * kv * hd + 2 * h}.get(arch, 0)  # q/k/v biases, two more norms
     layer = attn + 3 * h * c["intermediate_size"] + 2 * h
     embeds = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2)
     return c["num_hidden_layers"] * layer + embeds + h
 
 
+def mla_moe_params(c: dict) -> int:
+    """GLM-4.7-Flash by hand (GLM.md 1.5, plus the routers' correction biases): attention, the dense first MLP,
+    46 x (64 experts + shared expert + router), norms, embedding and lm_head."""
+    h, heads, layers, r = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"], c["kv_lora_rank"]
+    qk, e = c["qk_nope_head_dim"] + c["qk_rope_head_dim"], c["n_routed_experts"]
+    attn = (h * c["q_lora_rank"] + c["q_lora_rank"] * heads * qk + h * (r + c["qk_rope_head_dim"])
+            + r * heads * (c["qk_nope_head_dim"] + c["v_head_dim"]) + heads * c["v_head_dim"] * h)
+    moe = (e + c["n_shared_experts"]) * 3 * h * c["moe_intermediate_size"] + e * h + e
+    norms = layers * (2 * h + c["q_lora_rank"] + r) + h
+    dense = c["first_k_dense_replace"]
+    return (layers * attn + dense * 3 * h * c["intermediate_size"] + (layers - dense) * moe + norms
+            + 2 * c["vocab_size"] * h)
+
+
 def test_manifest_entries_are_complete_and_consistent():
     manifest = load_manifest()
-    assert len(manifest) == 7
+    assert len(manifest) == 9
     assert [e.name for e in manifest.values() if e.default] == ["SmolLM2-135M-Instruct"]
     for e in manifest.values():
         assert e.description and e.architecture and e.format, e.name
@@ -43,7 +58,10 @@ def test_manifest_entries_are_complete_and_consistent():
         if e.architecture != "glm4_moe_lite":
             assert e.params == dense_params(e.architecture, e.config), e.name
             assert e.config["head_dim"] * e.config["num_attention_heads"] >= e.config["hidden_size"] // 2, e.name
-    assert [e.name for e in manifest.values() if not e.supported] == ["GLM-4.7-Flash"]
+        else:
+            assert e.params == mla_moe_params(e.config) == 29_943_390_976 + 46 * 64, e.name
+    assert all(e.supported for e in manifest.values())
+    assert manifest["GLM-Z1-32B"].params == 32_566_487_552  # "32B"; 65.1 GB of bf16 to download
 
 
 def test_kv_bytes_per_token_match_design():
@@ -104,9 +122,13 @@ def test_hub_model_not_downloaded_says_how_to_get_it(tmp_path):
 
 
 def test_unsupported_model_is_refused(tmp_path):
+    """An entry whose architecture no family defines (every shipped one has a family now: a made-up one)."""
+    manifest = load_manifest()
+    manifest["GLM-4.7-Flash"] = replace(manifest["GLM-4.7-Flash"], architecture="mamba")
     _pull(tmp_path, "zai-org/GLM-4.7-Flash")
     with pytest.raises(OpenClawError, match="not supported yet"):
-        resolve_model("glm-4.7-flash", tmp_path)
+        resolve_model("glm-4.7-flash", tmp_path, manifest=manifest)
+    assert resolve_model("glm-4.7-flash", tmp_path) == tmp_path / "hub" / "zai-org/GLM-4.7-Flash"
 
 
 def test_directory_paths(tmp_path):
@@ -208,7 +230,7 @@ def test_list_models_reports_presence(tmp_path):
     (tmp_path / "models" / "SmolLM2-135M-Instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     rows = {r["name"]: r for r in list_models(tmp_path)}
     assert {n for n, r in rows.items() if r["present"]} == {"Qwen3-32B", "SmolLM2-135M-Instruct"}
-    assert rows["Qwen3-32B"]["format"] == "awq-int4" and rows["GLM-4.7-Flash"]["supported"] is False
+    assert rows["Qwen3-32B"]["format"] == "awq-int4" and rows["GLM-4.7-Flash"]["supported"] is True
 
 
 def test_a_pulled_model_is_checked_against_its_marker(tmp_path):

@@ -23,6 +23,7 @@ from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
 from openclaw.evict.compressor import Compressor
 from openclaw.weights.checkpoint import generation_defaults
+from openclaw.weights.hub import manifest_generation
 from openclaw.weights.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,13 @@ class Engine:
                                               ev.budget if ev.evicts else None, ev.divide_length, config.kv_tokens,
                                               progress)
         mc = self.model.config
-        self.generation_config = generation_defaults(model_dir)
+        self.generation_config = manifest_generation(config.model) | generation_defaults(model_dir)
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.eos_ids = eos_ids(self.generation_config, extra_eos)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         kv_tokens = config.kv_tokens or (CPU_KV_TOKENS if self.plan is None else
                                          min(self.plan.kv_tokens, config.max_seqs * self.max_model_len))
-        self.pool = KVPool(mc.num_hidden_layers, kv_tokens, mc.num_key_value_heads, mc.head_dim, self.dtype,
-                           self.device)
+        self.pool = KVPool.for_config(mc, kv_tokens, self.dtype, self.device)
         self.scheduler = Scheduler(self.pool.allocator, config.max_seqs, config.max_batch_tokens, self.eos_ids)
         self.runner = Runner(self.model, self.pool, self.device, config.cuda_graphs)
         self.compressor = Compressor.for_model(config.evict, self.model, self.pool)

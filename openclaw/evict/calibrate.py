@@ -19,16 +19,21 @@ from openclaw.engine.runner import Runner
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
+from openclaw.evict.bands import Blocks, band_parts, layout_metadata
 from openclaw.evict.evictor import TriStats
+from openclaw.models.layers import BandLayout
 
-ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout)
+ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout); GLM's files say "interleaved"
 
 
 class QueryStats:
-    """Running sums of q_f, |q_f| over tokens, per (layer, query head, band); means on demand."""
+    """Running sums of q_f, |q_f| over tokens, per (layer, query head, band); means on demand. blocks: the model's
+    RoPE blocks (BandLayout.blocks; None: one half-layout block)."""
 
-    def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu",
+                 blocks: Blocks | None = None):
         self.shape = (num_layers, num_heads, head_dim // 2)
+        self.blocks = blocks
         self.re = torch.zeros(self.shape, dtype=torch.float64, device=device)
         self.im = torch.zeros_like(self.re)
         self.abs = torch.zeros_like(self.re)
@@ -36,8 +41,7 @@ class QueryStats:
 
     def update(self, layer: int, q: torch.Tensor) -> None:
         """q: [T, H, D] pre-RoPE queries of one layer."""
-        half = q.shape[-1] // 2
-        re, im = q[..., :half].double(), q[..., half:].double()
+        re, im = (part.double() for part in band_parts(q, self.blocks))
         self.re[layer] += re.sum(0).to(self.re.device)
         self.im[layer] += im.sum(0).to(self.re.device)
         self.abs[layer] += torch.sqrt(re * re + im * im).sum(0).to(self.re.device)
@@ -54,14 +58,16 @@ class QueryStats:
         return TriStats((self.re / c).float(), (self.im / c).float(), (self.abs / c).float(), omega.float())
 
 
-def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int) -> None:
-    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}, through a
-    temporary file renamed into place (an interrupted write never leaves a file that half loads)."""
+def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int,
+               bands: BandLayout | None = None) -> None:
+    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}; bands: the
+    model's band layout, recorded beside (evict/bands.layout_metadata). Written through a temporary file renamed
+    into place: an interrupted write never leaves a file that half loads."""
     L, H, F = stats.mu_re.shape
     payload = {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)],
                             "head_dim": 2 * F, "rope_style": ROPE_STYLE, "model_name": model_name,
                             "num_layers": L, "num_attention_heads": H, "num_key_value_heads": num_kv_heads,
-                            "calibration_tokens": tokens},
+                            "calibration_tokens": tokens} | ({} if bands is None else layout_metadata(bands)),
                "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": stats.mu_re[layer, h].cpu().contiguous(),
                                                             "q_mean_imag": stats.mu_im[layer, h].cpu().contiguous(),
                                                             "q_abs_mean": stats.a_mean[layer, h].cpu().contiguous()}
@@ -77,9 +83,10 @@ def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, 
         tmp.unlink(missing_ok=True)
 
 
-def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor) -> TriStats:
-    """Read a stats file (ours or the reference plugin's) for a model of these shapes; refuse any mismatch, and any
-    malformed file, with one line."""
+def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor,
+               bands: BandLayout | None = None) -> TriStats:
+    """Read a stats file (ours or the reference plugin's) for a model of these shapes (and band layout, when given);
+    refuse any mismatch, and any malformed file, with one line."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -90,21 +97,25 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
     if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
         raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
     try:
-        return _parse_stats(path, data, num_layers, num_heads, head_dim, omega)
+        return _parse_stats(path, data, num_layers, num_heads, head_dim, omega, bands)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # fields of wrong kinds
         raise OpenClawError(f"{path} is a malformed stats file ({type(e).__name__}: {e}); calibrate again with "
                             "`openclaw calibrate`") from None
 
 
-def _parse_stats(path: Path, data: dict, num_layers: int, num_heads: int, head_dim: int,
-                 omega: torch.Tensor) -> TriStats:
+def _parse_stats(path: Path, data: dict, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor,
+                 bands: BandLayout | None) -> TriStats:
     meta = data["metadata"]
     name = meta.get("model_name", "?")
     if meta.get("head_dim") != head_dim:
         raise OpenClawError(f"{path} was calibrated for head_dim {meta.get('head_dim')} ({name}) but this model has "
                             f"head_dim {head_dim}; calibrate this model with `openclaw calibrate`")
-    if meta.get("rope_style", ROPE_STYLE) != ROPE_STYLE:
-        raise OpenClawError(f"{path} pairs RoPE dims as {meta.get('rope_style')!r}; this model uses {ROPE_STYLE!r}")
+    style = ROPE_STYLE if bands is None else bands.rope_style
+    if meta.get("rope_style", ROPE_STYLE) != style:
+        raise OpenClawError(f"{path} pairs RoPE dims as {meta.get('rope_style')!r}; this model uses {style!r}")
+    if bands is not None and meta.get("blocks", [[0, head_dim]]) != [list(b) for b in bands.blocks]:
+        raise OpenClawError(f"{path} describes RoPE blocks {meta.get('blocks', [[0, head_dim]])} ({name}) but this "
+                            f"model's are {[list(b) for b in bands.blocks]}; calibrate this model")
     for key, ours in (("num_layers", num_layers), ("num_attention_heads", num_heads)):
         if key in meta and meta[key] != ours:
             raise OpenClawError(f"{path} has {key} {meta[key]} ({name}) but this model has {ours}; "
@@ -147,12 +158,12 @@ class StatsTap:
 def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
     engine's scheduler and runner; accumulate pre-RoPE query stats."""
-    cfg = model.config
+    cfg, bands = model.config, model.bands
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
-    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
+    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, bands.width, blocks=bands.blocks)
     tap = StatsTap(stats, cfg.num_hidden_layers)
-    pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    pool = KVPool.for_config(cfg, context, dtype, device)
     runner = Runner(model, pool, device, cuda_graphs=False)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]

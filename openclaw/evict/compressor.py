@@ -3,7 +3,8 @@
 
 It owns the query tap that collects what the policies need from the forward: the last W post-RoPE queries
 (snapkv, rkv), the attention each cached token has received (h2o: recomputed from the queries, one extra QK^T of
-the step), and online query statistics (triattention with --stats auto). It does not decide what runs or change a
+the step), and online query statistics (triattention with --stats auto). The queries and keys are the vectors the
+model attends with (MLA: absorbed queries against [latent | RoPE key]), at its softmax scale (BandLayout.scale). It does not decide what runs or change a
 sequence (the scheduler does: Scheduler.compacted after each eviction) and does not score (the evictor does).
 """
 
@@ -19,6 +20,7 @@ from openclaw.engine.sequence import Sequence
 from openclaw.evict.calibrate import QueryStats, load_stats
 from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices
 from openclaw.kernels.kv_compact import kv_compact
+from openclaw.models.layers import BandLayout
 
 
 @dataclass
@@ -29,26 +31,30 @@ class _SeqState:
 
 class Compressor:
     def __init__(self, cfg: EvictionConfig, pool: KVPool, num_heads: int, omega: torch.Tensor,
-                 stats: TriStats | None = None):
-        """omega: [D/2] the model's RoPE inverse frequencies; stats: offline TriAttention statistics."""
+                 stats: TriStats | None = None, bands: BandLayout | None = None):
+        """omega: [D/2] the model's RoPE inverse frequencies; stats: offline TriAttention statistics; bands: the
+        model's band layout (its blocks, and the softmax scale the attention-based policies use; None: one half
+        block at D^-0.5)."""
         self.cfg, self.pool = cfg, pool
         self.L, _, self.hkv, self.D = pool.k.shape
         self.H = num_heads
         self.omega = omega.float().cpu()
+        self.blocks = None if bands is None else bands.blocks
+        self.scale = self.D ** -0.5 if bands is None else bands.scale
         self.stats = stats.to(pool.k.device) if stats is not None else None
         online = cfg.policy == "triattention" and cfg.stats == "auto"
-        self.online = QueryStats(self.L, num_heads, self.D, pool.k.device) if online else None
+        self.online = QueryStats(self.L, num_heads, self.D, pool.k.device, self.blocks) if online else None
         self.states: dict[int, _SeqState] = {}
         self.evictions = 0
 
     @classmethod
     def for_model(cls, cfg: EvictionConfig, model: torch.nn.Module, pool: KVPool) -> "Compressor":
-        mc = model.config
+        mc, bands = model.config, model.bands
         stats = None
         if cfg.policy == "triattention" and cfg.stats != "auto":
-            stats = load_stats(Path(cfg.stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim,
-                               model.rope.inv_freq)
-        return cls(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
+            stats = load_stats(Path(cfg.stats), mc.num_hidden_layers, mc.num_attention_heads, bands.width,
+                               bands.omega, bands)
+        return cls(cfg, pool, mc.num_attention_heads, bands.omega, stats, bands)
 
     def tap(self, batch: list[tuple[Sequence, int]]) -> Callable | None:
         """A BatchMeta.query_tap for this step, or None when no policy needs the queries."""
@@ -81,7 +87,8 @@ class Compressor:
         attention = st.attention[..., :n] if st.attention is not None else None
         inp = EvictInputs(keys=self.pool.k[:, base:base + n], t=seq.num_computed,
                           prompt_cached=min(seq.prompt_len, n), queries=st.queries, attention=attention,
-                          stats=self.tri_stats() if self.cfg.policy == "triattention" else None)
+                          stats=self.tri_stats() if self.cfg.policy == "triattention" else None, scale=self.scale,
+                          blocks=self.blocks)
         keep = keep_indices(self.cfg, inp)
         kv_compact(self.pool.k, self.pool.v, base, keep)
         if st.attention is not None:
@@ -127,15 +134,15 @@ class _QueryTap:
             if st.attention is not None:
                 kv = seq.kv_len + n  # the runner counts this step's tokens after the forward
                 keys = comp.pool.k[layer, seq.slot_base:seq.slot_base + kv].float()  # [kv, Hkv, D]
-                st.attention[layer, :, :kv] += _received(q, keys)
+                st.attention[layer, :, :kv] += _received(q, keys, comp.scale)
 
 
-def _received(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention mass [Hkv, kv] each key receives from queries q [n, H, D] (the last n slots, causal), summed
-    over the queries and over the query heads of each KV head's group."""
+def _received(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention mass [Hkv, kv] each key receives from queries q [n, H, D] (the last n slots, causal) at the model's
+    softmax scale, summed over the queries and over the query heads of each KV head's group."""
     n, H, D = q.shape
     kv, hkv = keys.shape[0], keys.shape[1]
     qg = q.view(n, hkv, H // hkv, D).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
-    logits = qg @ keys.permute(1, 2, 0)[:, None] * D ** -0.5  # [Hkv, G, n, kv]
+    logits = qg @ keys.permute(1, 2, 0)[:, None] * scale  # [Hkv, G, n, kv]
     future = torch.arange(kv, device=q.device)[None, :] > torch.arange(kv - n, kv, device=q.device)[:, None]
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).sum((1, 2))

@@ -1,11 +1,12 @@
 """The OpenAI wire format for the server: request bodies -> validated Requests, Deltas -> responses and chunks.
 
 Anything a client can get wrong becomes an ApiError (a 4xx status and OpenAI's error body), never an exception
-from deeper down. No HTTP and no threads here (server.py). `tools` reach the chat template and <tool_call> blocks
-in the answer come back as `tool_calls` (tool_calls.py); tool_choice "none" leaves the tools out, any other
-tool_choice is taken as "auto" (nothing forces a call). vLLM's extras (ignore_eos, min_tokens, stop_token_ids,
-skip_special_tokens, include_stop_str_in_output) are honoured. A request that fails while decoding ends with
-finish_reason "error": a 4xx (its own fault) or 500 body, or in a stream a last chunk and an error event.
+from deeper down. No HTTP and no threads here (server.py). `tools` reach the chat template and the calls in the
+answer, in the format that template teaches (Hermes <tool_call> JSON, GLM's), come back as `tool_calls`
+(tool_calls.py); tool_choice "none" leaves the tools out, any other tool_choice is taken as "auto" (nothing forces
+a call). vLLM's extras (ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output)
+are honoured. A request that fails while decoding ends with finish_reason "error": a 4xx (its own fault) or 500
+body, or in a stream a last chunk and an error event.
 """
 
 import json
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from openclaw.config import SamplingParams, ServerConfig
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
-from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls
+from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls, tool_dialect
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -211,7 +212,8 @@ def parse_chat(api: Api, body: dict) -> tuple[Request, "Reply"]:
     except OpenClawError as e:  # the chat template refused this conversation
         raise ApiError(400, str(e), param="messages") from None
     request = Request(probe.prompt_ids, _sampling(api, body, len(probe.prompt_ids)), probe.thinking, budget)
-    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body), tools=bool(tools))
+    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body), tools=tools,
+                          dialect=tool_dialect(api.llm.tokenizer.chat_template))
 
 
 def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
@@ -239,9 +241,10 @@ class Reply:
     """One request's answer in OpenAI's shapes: chunks as deltas arrive (stream) or one body at the end."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, stream: bool, include_usage: bool,
-                 tools: bool = False):
+                 tools: list[dict] | None = None, dialect: str = "hermes"):
         self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
-        self.tools = ToolCallSplitter() if tools else None  # parse <tool_call> blocks out of the answer
+        self.tool_list, self.dialect = tools, dialect  # the request's tools; the format the chat template teaches
+        self.tools = ToolCallSplitter(dialect, tools) if tools else None  # parse the calls out of the answer
         self.stream, self.include_usage = stream, include_usage
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -275,7 +278,8 @@ class Reply:
 
     def final(self) -> dict:
         if self.kind == "chat":
-            content, calls = parse_tool_calls(self.text) if self.tools else (self.text, [])
+            content, calls = (parse_tool_calls(self.text, self.dialect, self.tool_list) if self.tools
+                              else (self.text, []))
             message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
             finish = "tool_calls" if calls and self.finish_reason == "stop" else self.finish_reason
             if self.reasoning:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -40,6 +40,7 @@ class ManifestEntry:
     source: dict
     config: dict
     default: bool = False
+    generation: dict = field(default_factory=dict)  # the model card's sampling defaults (generation_config fields)
 
     @property
     def hub_repo(self) -> str | None:
@@ -143,6 +144,13 @@ def manifest_entry(spec: str | None, manifest: dict[str, ManifestEntry] | None =
     if spec is None:
         return next(e for e in manifest.values() if e.default)
     return {n.lower(): e for n, e in manifest.items()}.get(spec.lower())
+
+
+def manifest_generation(spec: str | None) -> dict:
+    """The sampling defaults the manifest records for the model `spec` names ({} for a path or an entry without
+    them); a checkpoint's own generation_config.json overrides them."""
+    entry = manifest_entry(spec)
+    return {} if entry is None else dict(entry.generation)
 
 
 def load_quantize(spec: str | None, quantize: str, cuda: bool, manifest: dict[str, ManifestEntry] | None = None) -> str:
