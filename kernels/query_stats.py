@@ -13,7 +13,7 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["T"])
-def _query_stats_kernel(q_ptr, slot_ptr, re_ptr, im_ptr, abs_ptr, T, stride_t, stride_h, HALF: tl.constexpr,
+def _query_stats_kernel(q_ptr, slot_ptr, re_ptr, im_ptr, abs_ptr, T, stride_t, stride_h, stride_s, HALF: tl.constexpr,
                         HAS_SLOTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
     """Grid (H,): head h's bands, summed over the T rows in blocks of BLOCK_T in fp64, then added to the sums."""
     i_h = tl.program_id(0).to(tl.int64)
@@ -34,7 +34,7 @@ def _query_stats_kernel(q_ptr, slot_ptr, re_ptr, im_ptr, abs_ptr, T, stride_t, s
         acc_re += tl.sum(b_re, axis=0)
         acc_im += tl.sum(b_im, axis=0)
         acc_abs += tl.sum(tl.sqrt(b_re * b_re + b_im * b_im), axis=0)
-    o_s = i_h * HALF + o_f
+    o_s = i_h * stride_s + o_f
     tl.store(re_ptr + o_s, tl.load(re_ptr + o_s, mask=m_f) + acc_re, mask=m_f)
     tl.store(im_ptr + o_s, tl.load(im_ptr + o_s, mask=m_f) + acc_im, mask=m_f)
     tl.store(abs_ptr + o_s, tl.load(abs_ptr + o_s, mask=m_f) + acc_abs, mask=m_f)
@@ -43,8 +43,8 @@ def _query_stats_kernel(q_ptr, slot_ptr, re_ptr, im_ptr, abs_ptr, T, stride_t, s
 def query_stats(q: torch.Tensor, slots: torch.Tensor | None, re: torch.Tensor, im: torch.Tensor,
                 abs_: torch.Tensor) -> None:
     """q: [T, H, D] pre-RoPE queries of one layer; slots: [T] the step's slot mapping (rows with a negative slot are
-    skipped) or None (every row counts); re, im, abs_: [H, D/2] fp64 sums, added to in place. Triton on CUDA tensors,
-    query_stats_ref on CPU tensors."""
+    skipped) or None (every row counts); re, im, abs_: [H, D/2] fp64 sums with unit column stride and one row stride
+    (column ranges of wider sums work), added to in place. Triton on CUDA tensors, query_stats_ref on CPU tensors."""
     (query_stats_triton if q.is_cuda else query_stats_ref)(q, slots, re, im, abs_)
 
 
@@ -54,10 +54,10 @@ def query_stats_triton(q: torch.Tensor, slots: torch.Tensor | None, re: torch.Te
     T, H, D = q.shape
     assert q.stride(-1) == 1 and D % 2 == 0 and (slots is None or slots.shape == (T,))
     for s in (re, im, abs_):
-        assert s.shape == (H, D // 2) and s.dtype == torch.float64 and s.is_contiguous()
+        assert s.shape == (H, D // 2) and s.dtype == torch.float64 and s.stride() == re.stride() and s.stride(1) == 1
     block_t = 64 if q.is_cuda else triton.next_power_of_2(max(T, 1))
     _query_stats_kernel[(H,)](q, re if slots is None else slots, re, im, abs_, T, q.stride(0), q.stride(1),
-                              HALF=D // 2, HAS_SLOTS=slots is not None, BLOCK_T=block_t,
+                              re.stride(0), HALF=D // 2, HAS_SLOTS=slots is not None, BLOCK_T=block_t,
                               BLOCK_F=triton.next_power_of_2(D // 2))
 
 

@@ -34,9 +34,12 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the row
 Vram = Annotated[float | None, typer.Option(
     help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
 Quantize = Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")]
+Verify = Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
+                                      "loading, as for `openclaw run`.")]
 
 
-def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int):
+def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
+          verify: bool = _E.verify):
     """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
     import torch
 
@@ -45,10 +48,10 @@ def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | No
     from openclaw.weights.hub import load_quantize, resolve_model
 
     config = EngineConfig(model=model, device=device, dtype=dtype, cache_dir=cache_dir, vram=vram, quantize=quantize,
-                          kv_tokens=kv_tokens)  # validates the options as run, chat and serve do
+                          kv_tokens=kv_tokens, verify=verify)  # validates the options as run, chat and serve do
     dev = pick_device(config.device)
     quantize = load_quantize(model, config.quantize, dev.type == "cuda")
-    model_dir = resolve_model(model, config.cache_dir, quantized=quantize == "nf4")
+    model_dir = resolve_model(model, config.cache_dir, quantized=quantize == "nf4", verify=config.verify)
     torch.manual_seed(0)
     m, _ = plan_and_load(model_dir, dev, resolve_dtype(config.dtype, dev), quantize, vram, kv_tokens=kv_tokens)
     return m, Tokenizer.from_dir(model_dir), model_dir.name
@@ -69,8 +72,8 @@ def _stats(stats: str | None, model):
 
     if stats is None or stats == "auto":
         return None
-    mc = model.config
-    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim, model.rope.inv_freq)
+    mc, bands = model.config, model.bands
+    return load_stats(Path(stats), mc.num_hidden_layers, mc.num_attention_heads, bands.width, bands.omega, bands)
 
 
 def _csv(values: str, kind=str) -> list:
@@ -86,20 +89,20 @@ def calibrate(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the stats (.pt, reference format).")],
     tokens: Annotated[int, typer.Option(help="Calibration tokens at most (about 32K is enough).")] = 32768,
     dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
     from openclaw.evict.calibrate import calibrate as run_calibration
     from openclaw.evict.calibrate import concentration, save_stats
 
-    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
+    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT, verify)
     ids = _text_ids(tokenizer, text)[:tokens]
     if len(ids) < 1024:
         raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
     t0 = time.perf_counter()
     qs = run_calibration(model, ids, CALIBRATION_CONTEXT)
-    stats = qs.tri_stats(model.rope.inv_freq)
-    save_stats(out_path, stats, name, model.config.num_key_value_heads, qs.tokens)
+    stats = qs.tri_stats(model.bands.omega)
+    save_stats(out_path, stats, name, model.config.cache_shape()[0], qs.tokens, model.bands)
     report = concentration(stats)
     table = Table("layer", "mean R", "heads with dominant-band R > 0.95")
     for layer, (r, share) in enumerate(zip(report.mean_r, report.share_concentrated)):
@@ -129,6 +132,7 @@ def fidelity(
     online: Annotated[bool, typer.Option(help="Add TriAttention with online statistics (--stats auto).")] = False,
     json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
+    verify: Verify = _E.verify,
 ):
     """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
     from openclaw.eval.fidelity import evaluate, standard_runs, text_windows
@@ -139,7 +143,7 @@ def fidelity(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base, ablations, online)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, window_len)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, window_len, verify)
     ids = _text_ids(tokenizer, [text])
     try:
         wins = text_windows(ids, windows, window_len)
@@ -171,7 +175,7 @@ def needle(
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
     protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
     device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Plant a fact early, ask for it DORMANCY tokens later: exact match and answer log-prob, with controls."""
     from openclaw.eval.fidelity import standard_runs
@@ -181,7 +185,7 @@ def needle(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base)
-    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024)
+    m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024, verify)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
     with err.status("") as status:

@@ -1,6 +1,7 @@
 """Calibration: exact pre-RoPE queries (after q_norm), the reference stats format, refusals, online statistics."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,10 +120,52 @@ class Payload:
 def test_files_that_need_code_to_load_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"metadata": Payload()}, f, protocol=2)
-    with pytest.raises(OpenClawError, match="not a loadable stats file"):
+    with pytest.raises(OpenClawError, match="not a loadable stats file") as e:
         load_stats(tmp_path / "evil.pt", 3, 4, 24, OMEGA)
+    assert "\n" not in str(e.value)  # torch's refusal runs over five lines
     with pytest.raises(OpenClawError, match="does not exist"):
         load_stats(tmp_path / "missing.pt", 3, 4, 24, OMEGA)
+
+
+def _reference_payload(L: int = 1, H: int = 2) -> dict:
+    s = random_stats(L=L, H=H)
+    return {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)], "head_dim": 24},
+            "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": s.mu_re[layer, h], "q_mean_imag": s.mu_im[layer, h],
+                                                      "q_abs_mean": s.a_mean[layer, h]}
+                      for layer in range(L) for h in range(H)}}
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p["stats"].update(layer00_head01="not a dict"),
+    lambda p: p["stats"]["layer00_head00"].pop("q_mean_imag"),
+    lambda p: p["stats"]["layer00_head00"].update(q_mean_real="text"),
+    lambda p: p["stats"]["layer00_head00"].update(q_mean_real=torch.full((12,), float("nan"))),
+    lambda p: p["metadata"].update(sampled_heads=[["zero", 0], [0, 1]]),
+    lambda p: p["metadata"].update(sampled_heads=[[0], [0, 1]]),
+    lambda p: p["metadata"].update(sampled_heads=7),
+])
+def test_malformed_stats_files_are_one_line_errors(tmp_path, damage):
+    """These raised TypeError / KeyError / ValueError with a traceback (exit 1)."""
+    payload = _reference_payload()
+    damage(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(OpenClawError, match="bad.pt") as e:
+        load_stats(tmp_path / "bad.pt", 1, 2, 24, OMEGA)
+    assert "\n" not in str(e.value)
+
+
+def test_stats_are_written_through_a_temporary_file(tmp_path, monkeypatch):
+    save_stats(tmp_path / "s.pt", random_stats(), "tiny", num_kv_heads=2, tokens=100)
+    before = (tmp_path / "s.pt").read_bytes()
+
+    def cut_short(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_stats(tmp_path / "s.pt", random_stats(seed=1), "tiny", num_kv_heads=2, tokens=100)
+    assert (tmp_path / "s.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
 
 
 def test_concentration_report():

@@ -1,10 +1,11 @@
 """kernels/decode_ops.py and kernels/decode_attention.py against their fp32 references (Triton's interpreter on the
 CPU, the real kernels on CUDA) on tiny, odd and real Qwen3-32B / SmolLM2 shapes; and the tiny Qwen3 / Llama models
 with every op forced onto its Triton kernel, against the same models on the references, through full forwards and
-incremental decode in the pool."""
+incremental decode in the pool (GLM-4-0414 too: its partial rotary runs the same fused kernel)."""
 
 from contextlib import contextmanager
 
+import openclaw.models.glm4
 import openclaw.models.layers
 import openclaw.models.qwen3
 import pytest
@@ -173,9 +174,10 @@ def ops(fused: bool):
     """The models' kernel ops forced onto their Triton kernels (fused; Triton's interpreter on CPU tensors) or their
     references, whatever the device."""
     forced = {openclaw.models.layers: {"add_rmsnorm": (add_rmsnorm_triton, add_rmsnorm_ref),
-                                       "decode_attention": (decode_attention_triton, _decode_attention_ref)},
-              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref),
-                                      "silu_mul": (silu_mul_triton, silu_mul_ref)}}
+                                       "decode_attention": (decode_attention_triton, _decode_attention_ref),
+                                       "silu_mul": (silu_mul_triton, silu_mul_ref)},
+              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref)},
+              openclaw.models.glm4: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref)}}
     with pytest.MonkeyPatch.context() as mp:
         for module, names in forced.items():
             for name, (kernel, ref) in names.items():
@@ -230,7 +232,7 @@ def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+@pytest.mark.parametrize("kind", ["qwen3", "llama", "glm4"])
 def test_fused_model_matches_plain_path(kind, tmp_path):
     """fp32: the fused path equals the plain one to 1e-5. bf16 / fp16: its logits are no further from the fp32 model
     than twice the plain path's at that dtype (random tiny models amplify rounding: plain bf16 is ~1% off)."""

@@ -7,6 +7,7 @@ import torch
 from openclaw.config import SamplingParams
 from openclaw.engine.sampler import Sampler, apply_repetition_penalty, filter_logits, sample
 from openclaw.engine.sequence import Sequence
+from openclaw.errors import OpenClawError
 
 lp = pytest.importorskip("transformers.generation.logits_process")
 
@@ -291,3 +292,51 @@ def test_device_penalty_rows_are_cleared_for_the_next_sequence():
     assert sampler.sample(logits, [first]) == [4]  # 3 was seen: 5 / 2 < 4
     sampler.release(first)
     assert sampler.sample(logits, [Sequence([7], p, max_len=100)]) == [3]
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-6])
+def test_temperatures_float32_cannot_hold_sample_greedily(temperature):
+    """1e-300 passed validation and became 0 in float32: logits / 0 crashed the sampling step of the whole batch."""
+    logits = _logits(4, 300)
+    params = [SamplingParams(temperature=temperature, top_p=0.9, repetition_penalty=1.2),
+              SamplingParams(temperature=1.0, seed=0)] * 2
+    assert params[0].greedy
+    gens = [None, torch.Generator().manual_seed(0)] * 2
+    out = sample(logits, params, [[1, 2]] * 4, gens)
+    penalized = logits.clone()
+    penalized[:, [1, 2]] = torch.where(penalized[:, [1, 2]] < 0, penalized[:, [1, 2]] * 1.2, penalized[:, [1, 2]] / 1.2)
+    assert out[0] == penalized[0].argmax() and out[2] == penalized[2].argmax()
+    assert (out >= 0).all()
+    seqs = _seqs(params, [[1, 2]] * 4)  # the device sampler the engine runs: the same greedy rows
+    got = Sampler(torch.device("cpu"), 4).sample(logits, seqs)
+    assert got[0] == out[0] and got[2] == out[2] and min(got) >= 0
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 0.0, 1e300, float("nan")])
+def test_repetition_penalties_float32_cannot_hold_are_refused(penalty):
+    with pytest.raises(OpenClawError, match=r"repetition_penalty .* must be in \[0.0001, 10000\]"):
+        SamplingParams(repetition_penalty=penalty)
+    assert SamplingParams(repetition_penalty=1e-4).repetition_penalty == 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_row_with_non_finite_logits_gets_minus_one_and_the_others_sample(dtype):
+    """Checked per row in every dtype (only float16 was, and for the whole batch): a NaN row became a greedy argmax
+    in bfloat16, or made torch.multinomial raise for every row."""
+    logits = _logits(6, 200).to(dtype)
+    logits[1, 7] = float("nan")
+    logits[3, 9] = float("inf")
+    logits[4, 0] = float("-inf")
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=0.9)]
+    gens = [None, None, None, None, torch.Generator().manual_seed(3), None]
+    out = sample(logits, params, generators=gens)
+    assert out.tolist()[1] == -1 and out.tolist()[3] == -1 and out.tolist()[4] == -1
+    assert out[0] == logits[0].float().argmax() and 0 <= out[2] < 200 and 0 <= out[5] < 200
+    greedy = sample(logits, [SamplingParams(temperature=0.0)] * 6)  # the all-greedy path checks too
+    assert greedy.tolist()[1] == greedy.tolist()[3] == greedy.tolist()[4] == -1 and (greedy[[0, 2, 5]] >= 0).all()
+
+
+def test_a_row_that_overflows_under_its_temperature_gets_minus_one():
+    logits = torch.full((2, 10), 3e38)
+    logits[:, 0] = 0.0
+    out = sample(logits, [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0)])
+    assert out.tolist()[0] == -1 and out.tolist()[1] in range(1, 10)

@@ -89,18 +89,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
            generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """Next token per row. logits: [N, V] any float dtype; histories: prompt+generated ids per row (for the
     repetition penalty); generators: per-row RNG (seeded requests), None rows use torch's default RNG.
-    Returns LongTensor [N] on logits' device. Greedy rows (temperature 0) take the lowest-index argmax."""
+    Returns LongTensor [N] on logits' device. Greedy rows (temperature below GREEDY_BELOW) take the lowest-index
+    argmax. A row whose logits are not all finite, or stop being so under its penalty or temperature, gets -1: the
+    check stays on the device and reaches the host with the tokens (no extra sync)."""
     n = logits.shape[0]
     assert len(params) == n, f"{len(params)} SamplingParams for {n} logit rows"
     logits = logits.float()  # a new tensor for half dtypes; cloned below before any in-place change
     if histories is not None and any(_penalty(p) != 1.0 for p in params):
         logits = apply_repetition_penalty(logits.clone(), params, histories)
+    ok = torch.isfinite(logits).all(dim=-1)
     greedy = [p.greedy for p in params]
     if all(greedy):
-        return logits.argmax(dim=-1)
+        return torch.where(ok, logits.argmax(dim=-1), -1)
 
-    temps = torch.tensor([_temperature(p) or 1.0 for p in params], device=logits.device)
+    temps = torch.tensor([1.0 if p.greedy else _temperature(p) for p in params], device=logits.device)
     scaled = logits / temps.unsqueeze(1)
+    ok &= torch.isfinite(scaled).all(dim=-1)
+    # a bad row's probabilities would make multinomial raise (or assert on a GPU): it draws from uniform ones
+    scaled = scaled.masked_fill(~ok.unsqueeze(1), 0.0)
     if any(_filters_anything(p) for p, g in zip(params, greedy) if not g):
         scaled = filter_logits(scaled, params)
     probs = scaled.softmax(dim=-1)
@@ -114,7 +120,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], histories: list[l
     for i in range(n):
         if not greedy[i] and gens[i] is not None:
             out[i] = _multinomial(probs[i], gens[i])
-    return out
+    return torch.where(ok, out, -1)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -126,14 +132,15 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     off) and uniform (fp64 in [0, 1): the draw); seen [N, V] bool: the tokens each row's penalty applies to (None:
     no row has one). greedy_only / filters: what the host knows of every row, so it skips the work."""
     x = logits.float()
-    finite = torch.isfinite(x).all(-1)
     if seen is not None:
         pen = penalty[:, None]
         x = torch.where(seen, torch.where(x < 0, x * pen, x / pen), x)
+    finite = torch.isfinite(x).all(-1)
     token = x.argmax(dim=-1)  # greedy: the lowest index among equal maxima
     if not greedy_only:
         greedy = temperature == 0
         scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
+        finite &= torch.isfinite(scaled).all(-1)  # a finite logit over a small temperature can overflow
         if filters:
             scaled = filter_rows(scaled, top_k, top_p, min_p)
         cdf = scaled.softmax(dim=-1).double().cumsum(dim=-1)
@@ -176,7 +183,7 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.seq_id in self.generators:
                 uniform[i] = torch.rand(1, dtype=torch.float64, generator=self.generators[seq.seq_id])
-        host = torch.tensor([[_temperature(p) for p in params], [min(p.top_k or vocab, vocab) for p in params],
+        host = torch.tensor([[0.0 if p.greedy else _temperature(p) for p in params], [min(p.top_k or vocab, vocab) for p in params],
                              [1.0 if p.top_p is None else p.top_p for p in params], [p.min_p or 0.0 for p in params],
                              [_penalty(p) for p in params]], dtype=torch.float64)
         rows = self._upload(torch.cat((host, uniform[None])))

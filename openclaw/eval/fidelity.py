@@ -61,8 +61,8 @@ def forced_logprobs(model: torch.nn.Module, ids: list[int], cfg: EvictionConfig,
     device, dtype = norm.device, norm.dtype
     seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids), prompt_len=prompt_len,
                    kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length)
-    pool = KVPool(mc.num_hidden_layers, seq.slots_needed(), mc.num_key_value_heads, mc.head_dim, dtype, device)
-    comp = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats)
+    pool = KVPool.for_config(mc, seq.slots_needed(), dtype, device)
+    comp = Compressor(cfg, pool, mc.num_attention_heads, model.bands.omega, stats, model.bands)
     runner = Runner(model, pool, device)
     scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
     scheduler.add(seq)

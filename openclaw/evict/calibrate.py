@@ -3,9 +3,11 @@
 QueryStats accumulates sums of the exact vectors RoPE rotates (after q_norm / bias) in fp64 (kernels/query_stats.py,
 device ops only, so a captured decode step adds to them too), so the same object serves offline calibration over a
 text and online statistics (`--stats auto`, running means of the queries the model computes anyway). Files use the
-reference plugin's format (TRIATTENTION.md section 2) and load with torch.load(weights_only=True). It does not score or evict (openclaw.evict.evictor does).
+reference plugin's format (TRIATTENTION.md section 2) and load with torch.load(weights_only=True). It does not score
+or evict (openclaw.evict.evictor does).
 """
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +21,23 @@ from openclaw.engine.runner import Runner
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.errors import OpenClawError
+from openclaw.evict.bands import Blocks, layout_metadata
 from openclaw.evict.evictor import TriStats
 from openclaw.kernels.query_stats import query_stats
+from openclaw.models.layers import BandLayout
 
-ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout)
+ROPE_STYLE = "half"  # our Rope pairs dim j with j + D/2 (HF Llama / Qwen layout); GLM's files say "interleaved"
 
 
 class QueryStats:
     """Running sums of q_f, |q_f| over tokens, per (layer, query head, band), on the queries' device; means on demand.
-    tokens: how many tokens every layer has added, counted on the host by whoever feeds it (a device-only add cannot
-    count without a sync)."""
+    blocks: the model's RoPE blocks (BandLayout.blocks; None: one half-layout block). tokens: how many tokens every
+    layer has added, counted on the host by whoever feeds it (a device-only add cannot count without a sync)."""
 
-    def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int, device: torch.device | str = "cpu",
+                 blocks: Blocks | None = None):
         self.shape = (num_layers, num_heads, head_dim // 2)
+        self.blocks = blocks
         self.re = torch.zeros(self.shape, dtype=torch.float64, device=device)
         self.im = torch.zeros_like(self.re)
         self.abs = torch.zeros_like(self.re)
@@ -39,8 +45,13 @@ class QueryStats:
 
     def add(self, layer: int, q: torch.Tensor, slots: torch.Tensor | None = None) -> None:
         """q: [T, H, D] pre-RoPE queries of one layer, on the stats' device; rows whose slot is negative (padding)
-        are skipped."""
-        query_stats(q, slots, self.re[layer], self.im[layer], self.abs[layer])
+        are skipped. Each RoPE block adds to its own bands (a column range of the sums)."""
+        f0 = 0
+        for start, width in self.blocks or ((0, q.shape[-1]),):
+            f1 = f0 + width // 2
+            query_stats(q[..., start:start + width], slots, self.re[layer, :, f0:f1], self.im[layer, :, f0:f1],
+                        self.abs[layer, :, f0:f1])
+            f0 = f1
 
     def tri_stats(self, omega: torch.Tensor) -> TriStats:
         if self.tokens == 0:
@@ -49,37 +60,64 @@ class QueryStats:
                         (self.abs / self.tokens).float(), omega.float())
 
 
-def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int) -> None:
-    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}."""
+def save_stats(path: Path, stats: TriStats, model_name: str, num_kv_heads: int, tokens: int,
+               bands: BandLayout | None = None) -> None:
+    """Write the reference format: {"metadata": {...}, "stats": {"layer00_head05": {q_mean_real, ...}}}; bands: the
+    model's band layout, recorded beside (evict/bands.layout_metadata). Written through a temporary file renamed
+    into place: an interrupted write never leaves a file that half loads."""
     L, H, F = stats.mu_re.shape
     payload = {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)],
                             "head_dim": 2 * F, "rope_style": ROPE_STYLE, "model_name": model_name,
                             "num_layers": L, "num_attention_heads": H, "num_key_value_heads": num_kv_heads,
-                            "calibration_tokens": tokens},
+                            "calibration_tokens": tokens} | ({} if bands is None else layout_metadata(bands)),
                "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": stats.mu_re[layer, h].cpu().contiguous(),
                                                             "q_mean_imag": stats.mu_im[layer, h].cpu().contiguous(),
                                                             "q_abs_mean": stats.a_mean[layer, h].cpu().contiguous()}
                          for layer in range(L) for h in range(H)}}
-    torch.save(payload, path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OpenClawError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor) -> TriStats:
-    """Read a stats file (ours or the reference plugin's) for a model of these shapes; refuse any mismatch."""
+def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor,
+               bands: BandLayout | None = None) -> TriStats:
+    """Read a stats file (ours or the reference plugin's) for a model of these shapes (and band layout, when given);
+    refuse any mismatch, and any malformed file, with one line."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise OpenClawError(f"stats file {path} does not exist; make one with `openclaw calibrate`")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # incl. files needing code
-        raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {e})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's refusals run over many lines
+        raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {first})") from None
     if not (isinstance(data, dict) and isinstance(data.get("metadata"), dict) and isinstance(data.get("stats"), dict)):
         raise OpenClawError(f"{path} is not a TriAttention stats file (expected 'metadata' and 'stats' dicts)")
+    try:
+        return _parse_stats(path, data, num_layers, num_heads, head_dim, omega, bands)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as e:  # fields of wrong kinds
+        raise OpenClawError(f"{path} is a malformed stats file ({type(e).__name__}: {e}); calibrate again with "
+                            "`openclaw calibrate`") from None
+
+
+def _parse_stats(path: Path, data: dict, num_layers: int, num_heads: int, head_dim: int, omega: torch.Tensor,
+                 bands: BandLayout | None) -> TriStats:
     meta = data["metadata"]
     name = meta.get("model_name", "?")
     if meta.get("head_dim") != head_dim:
         raise OpenClawError(f"{path} was calibrated for head_dim {meta.get('head_dim')} ({name}) but this model has "
                             f"head_dim {head_dim}; calibrate this model with `openclaw calibrate`")
-    if meta.get("rope_style", ROPE_STYLE) != ROPE_STYLE:
-        raise OpenClawError(f"{path} pairs RoPE dims as {meta.get('rope_style')!r}; this model uses {ROPE_STYLE!r}")
+    style = ROPE_STYLE if bands is None else bands.rope_style
+    if meta.get("rope_style", ROPE_STYLE) != style:
+        raise OpenClawError(f"{path} pairs RoPE dims as {meta.get('rope_style')!r}; this model uses {style!r}")
+    if bands is not None and meta.get("blocks", [[0, head_dim]]) != [list(b) for b in bands.blocks]:
+        raise OpenClawError(f"{path} describes RoPE blocks {meta.get('blocks', [[0, head_dim]])} ({name}) but this "
+                            f"model's are {[list(b) for b in bands.blocks]}; calibrate this model")
     for key, ours in (("num_layers", num_layers), ("num_attention_heads", num_heads)):
         if key in meta and meta[key] != ours:
             raise OpenClawError(f"{path} has {key} {meta[key]} ({name}) but this model has {ours}; "
@@ -101,6 +139,8 @@ def load_stats(path: Path, num_layers: int, num_heads: int, head_dim: int, omega
             x = torch.as_tensor(entry[field]).float().flatten()
             if x.numel() != F:
                 raise OpenClawError(f"{path}: {field} of layer {layer} head {h} has {x.numel()} bands, expected {F}")
+            if not torch.isfinite(x).all():
+                raise OpenClawError(f"{path}: {field} of layer {layer} head {h} is not finite; calibrate again")
             out[i, layer, h] = x
     return TriStats(out[0], out[1], out[2], omega.float())
 
@@ -130,12 +170,12 @@ class StatsTaps:
 def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
     engine's scheduler and runner; accumulate pre-RoPE query stats."""
-    cfg = model.config
+    cfg, bands = model.config, model.bands
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
-    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim, device)
+    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, bands.width, device, blocks=bands.blocks)
     taps = StatsTaps(stats, cfg.num_hidden_layers)
-    pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    pool = KVPool.for_config(cfg, context, dtype, device)
     runner = Runner(model, pool, device)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]

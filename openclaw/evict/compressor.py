@@ -6,9 +6,10 @@ last W post-RoPE queries of each sequence in a device ring buffer (snapkv, rkv) 
 (triattention with --stats auto, kernels/query_stats.py), both written by device ops only, so a captured decode step
 records them as well; and the attention each cached token has received (h2o), recomputed from the queries by one
 extra QK^T of the step in PyTorch per sequence, which needs host lengths: H2O steps run eagerly (graphable is
-False). Scoring, selection and compaction run between steps and keep a sequence in its slot range, so no captured
-step is invalidated. It does not decide what runs or change a sequence (the scheduler does: Scheduler.compacted
-after each eviction) and does not score (the evictor does).
+False). The queries and keys are the vectors the model attends with (MLA: absorbed queries against [latent | RoPE
+key]), at its softmax scale (BandLayout.scale). Scoring, selection and compaction run between steps and keep a
+sequence in its slot range, so no captured step is invalidated. It does not decide what runs or change a sequence
+(the scheduler does: Scheduler.compacted after each eviction) and does not score (the evictor does).
 """
 
 from dataclasses import dataclass
@@ -23,22 +24,26 @@ from openclaw.engine.sequence import Sequence
 from openclaw.evict.calibrate import QueryStats, load_stats
 from openclaw.evict.evictor import EvictInputs, TriStats, keep_indices
 from openclaw.kernels.kv_compact import kv_compact
+from openclaw.models.layers import BandLayout
 
 RING_POLICIES = ("snapkv", "rkv")  # the policies that read each sequence's last W queries
 
 
 class Compressor:
     def __init__(self, cfg: EvictionConfig, pool: KVPool, num_heads: int, omega: torch.Tensor,
-                 stats: TriStats | None = None, max_seqs: int = 1):
-        """omega: [D/2] the model's RoPE inverse frequencies; stats: offline TriAttention statistics; max_seqs: how
-        many sequences hold a ring row at once (the engine's --max-seqs)."""
+                 stats: TriStats | None = None, bands: BandLayout | None = None, max_seqs: int = 1):
+        """omega: [D/2] the model's RoPE inverse frequencies; stats: offline TriAttention statistics; bands: the
+        model's band layout (its blocks, and the softmax scale the attention-based policies use; None: one half
+        block at D^-0.5); max_seqs: how many sequences hold a ring row at once (the engine's --max-seqs)."""
         self.cfg, self.pool = cfg, pool
         self.L, _, self.hkv, self.D = pool.k.shape
         self.H = num_heads
         self.omega = omega.float().cpu()
+        self.blocks = None if bands is None else bands.blocks
+        self.scale = self.D ** -0.5 if bands is None else bands.scale
         self.stats = stats.to(pool.k.device) if stats is not None else None
         online = cfg.policy == "triattention" and cfg.stats == "auto"
-        self.online = QueryStats(self.L, num_heads, self.D, pool.k.device) if online else None
+        self.online = QueryStats(self.L, num_heads, self.D, pool.k.device, self.blocks) if online else None
         # ring[r, l, p % W]: layer l's post-RoPE query of the sequence on row r at position p; row max_seqs is the
         # scratch row that tokens which record nothing (and padded rows) write to
         self.ring = None
@@ -53,12 +58,12 @@ class Compressor:
 
     @classmethod
     def for_model(cls, cfg: EvictionConfig, model: torch.nn.Module, pool: KVPool, max_seqs: int = 1) -> "Compressor":
-        mc = model.config
+        mc, bands = model.config, model.bands
         stats = None
         if cfg.policy == "triattention" and cfg.stats != "auto":
-            stats = load_stats(Path(cfg.stats), mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim,
-                               model.rope.inv_freq)
-        return cls(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats, max_seqs)
+            stats = load_stats(Path(cfg.stats), mc.num_hidden_layers, mc.num_attention_heads, bands.width,
+                               bands.omega, bands)
+        return cls(cfg, pool, mc.num_attention_heads, bands.omega, stats, bands, max_seqs)
 
     @property
     def graphable(self) -> bool:
@@ -120,7 +125,8 @@ class Compressor:
                           prompt_cached=min(seq.prompt_len, n),
                           queries=self.queries(seq) if self.ring is not None else None,
                           attention=None if attention is None else attention[..., :n],
-                          stats=self.tri_stats() if self.cfg.policy == "triattention" else None)
+                          stats=self.tri_stats() if self.cfg.policy == "triattention" else None, scale=self.scale,
+                          blocks=self.blocks)
         keep = keep_indices(self.cfg, inp)
         kv_compact(self.pool.k, self.pool.v, base, keep)
         if attention is not None:
@@ -167,15 +173,15 @@ class _QueryTap:
         for start, n, seq in self.h2o:
             kv = seq.kv_len + n  # the scheduler counts this step's tokens after the forward
             keys = comp.pool.k[layer, seq.slot_base:seq.slot_base + kv].float()  # [kv, Hkv, D]
-            comp.received(seq)[layer, :, :kv] += _received(q_post[start:start + n].float(), keys)
+            comp.received(seq)[layer, :, :kv] += _received(q_post[start:start + n].float(), keys, comp.scale)
 
 
-def _received(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Attention mass [Hkv, kv] each key receives from queries q [n, H, D] (the last n slots, causal), summed
-    over the queries and over the query heads of each KV head's group."""
+def _received(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention mass [Hkv, kv] each key receives from queries q [n, H, D] (the last n slots, causal) at the model's
+    softmax scale, summed over the queries and over the query heads of each KV head's group."""
     n, H, D = q.shape
     kv, hkv = keys.shape[0], keys.shape[1]
     qg = q.view(n, hkv, H // hkv, D).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
-    logits = qg @ keys.permute(1, 2, 0)[:, None] * D ** -0.5  # [Hkv, G, n, kv]
+    logits = qg @ keys.permute(1, 2, 0)[:, None] * scale  # [Hkv, G, n, kv]
     future = torch.arange(kv, device=q.device)[None, :] > torch.arange(kv - n, kv, device=q.device)[:, None]
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1).sum((1, 2))

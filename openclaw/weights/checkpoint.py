@@ -42,7 +42,10 @@ def model_family(raw: dict, where: str | Path = "") -> Family:
 def parse_config(raw: dict, where: str | Path = "") -> tuple[Family, object]:
     """(family, its config dataclass) of a config.json dict: the one place a model's config is parsed."""
     family = model_family(raw, where)
-    return family, family.config.from_dict(raw)
+    try:
+        return family, family.config.from_dict(raw)
+    except ValueError as e:  # a config the family does not define (the family says which field and why)
+        raise OpenClawError(f"{where or 'this model'}: {e}") from None
 
 
 def read_config(model_dir: Path) -> tuple[Family, object, dict]:

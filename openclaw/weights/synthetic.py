@@ -89,7 +89,7 @@ def random_tensors(family: Family, cfg, layout: Layout | None, device: torch.dev
                                                                                                 m.in_features)
                 yield name, random_quant(n, k, eight_bit(k), device)
     for name, p in model.named_parameters():
-        if name in seen or _fused(family, cfg, name) or family.checkpoint_target(name) is None:
+        if name in seen or _fused(family, cfg, name) or family.checkpoint_target(cfg, name) is None:
             continue
         if p.dim() >= 2:  # an unquantized model's embedding / lm_head, any other matrix a family keeps
             yield name, torch.randn(p.shape, generator=g, device=device, dtype=dtype) / p.shape[-1] ** 0.5
@@ -99,4 +99,4 @@ def random_tensors(family: Family, cfg, layout: Layout | None, device: torch.dev
 
 def _fused(family: Family, cfg, name: str) -> bool:
     """Whether a model parameter is a fused projection, whose checkpoint parts linear_shapes names."""
-    return bool(family.packed_sizes(cfg, name.split(".")[-2]))
+    return bool(family.packed_sizes(cfg, name))
