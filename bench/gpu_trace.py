@@ -32,7 +32,8 @@ def offline_stats(engine: Engine, tokens: int, path: Path) -> float:
     mc = engine.model.config
     ids = torch.randint(0, mc.vocab_size, (tokens,), generator=torch.Generator().manual_seed(3)).tolist()
     stats = calibrate(engine.model, ids, context=min(4096, tokens), chunk=engine.config.max_batch_tokens)
-    save_stats(path, stats.tri_stats(engine.model.rope.inv_freq), "bench", mc.num_key_value_heads, stats.tokens)
+    bands = engine.model.bands
+    save_stats(path, stats.tri_stats(bands.omega), "bench", mc.num_key_value_heads, stats.tokens, bands)
     return time.perf_counter() - t0
 
 

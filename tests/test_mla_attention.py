@@ -118,3 +118,18 @@ def test_tiny_glm47_flash_with_its_kernels_equals_the_reference_path(tmp_path):
     chunks = [18] + [1] * 12
     ref = through_pool(model, ids, False, chunks)
     assert_close(through_pool(model, ids, True, chunks), ref, torch.float32, matmul=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_glm47_flash_shapes_at_long_contexts():
+    """The real kernel at GLM-4.7-Flash's heads and ranks in bf16: one batch of mixed lengths up to 8K, and eight rows
+    of 2K at separate slot bases (a batched decode step)."""
+    check(*GLM_47_FLASH, [1, 777, 4096, 8190], 8192, torch.bfloat16)
+    check(*GLM_47_FLASH, [2048] * 8, 2048, torch.bfloat16, bases=[5 + 2100 * i for i in range(8)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_tiny_glm47_flash_with_its_kernels(tmp_path):
+    test_tiny_glm47_flash_with_its_kernels_equals_the_reference_path(tmp_path)
