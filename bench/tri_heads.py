@@ -102,7 +102,7 @@ def main() -> None:
     model_dir = resolve_model(args.model, Path.home() / ".cache" / "openclaw")
     model = load_model(model_dir, torch.device("cpu"), torch.float32)
     mc = model.config
-    stats = load_stats(Path(args.stats), model_metadata(model, model_dir.name), model.rope.inv_freq)
+    stats = load_stats(Path(args.stats), model_metadata(model, model_dir.name), model.bands.omega)
     ids = Tokenizer.from_dir(model_dir).encode(Path(args.text).read_text())
     results = [one_window(model, w, stats, args) for w in text_windows(ids, args.windows, args.cached + args.future)]
     mean = {k: torch.stack([r[k] for r in results]).mean(0) for k in results[0]}  # [L, Hkv]

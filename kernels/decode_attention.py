@@ -118,13 +118,14 @@ def _decode_combine_kernel(acc_ptr, ml_ptr, o_ptr, lse_ptr, num_parts, stride_ob
 
 
 @triton.jit
-def _decode_mass_kernel(q_ptr, k_ptr, base_ptr, len_ptr, lse_ptr, mass_ptr, scale, stride_qb, stride_qh,
+def _decode_mass_kernel(q_ptr, k_ptr, base_ptr, len_ptr, slot_ptr, lse_ptr, mass_ptr, scale, stride_qb, stride_qh,
                         stride_ks, stride_kh, stride_ms, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PART: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+                        DOT_F32: tl.constexpr, HAS_SLOTS: tl.constexpr):
     """Grid (B * Hkv, P), partitioned as _decode_attention_kernel: for each key of the partition, recompute the
     logits of the group's queries, turn them into probabilities with the combined max and sum (lse), sum them over
-    the group and add them to mass[base + key, g]. Each key belongs to one program, so the adds need no atomics."""
+    the group and add them to mass[base + key, g]. Each key belongs to one program, so the adds need no atomics.
+    HAS_SLOTS: rows whose slot (slot_ptr) is negative, a graph's padding, add nothing."""
     i_bg = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(1)
@@ -136,6 +137,8 @@ def _decode_mass_kernel(q_ptr, k_ptr, base_ptr, len_ptr, lse_ptr, mass_ptr, scal
     part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
     start = i_p * part_len
     end = tl.minimum(start + part_len, n)
+    if HAS_SLOTS:
+        end = tl.where(tl.load(slot_ptr + i_b) >= 0, end, start)
     o_g = tl.arange(0, BLOCK_G)
     o_d = tl.arange(0, BLOCK_D)
     m_g = o_g < G
@@ -173,26 +176,30 @@ def num_partitions(max_len: int, batch_heads: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
                      kv_len: torch.Tensor, scale: float, max_len: int, out: torch.Tensor | None = None,
-                     mass: torch.Tensor | None = None) -> torch.Tensor:
+                     mass: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D] (one token per sequence); k_cache, v_cache: [S, Hkv, D] -> [B, H, D] (into out when given);
-    mass: [S, Hkv] fp32, when given each key's attention (summed over its query group) is added at its slot.
+    mass: [S, Hkv] fp32, when given each key's attention (summed over its query group) is added at its slot;
+    slots: [B] the step's slot mapping, rows with a negative slot (a graph's padding) add no mass (None: all add).
     Triton on CUDA tensors (decode_attention_triton), decode_attention_ref on CPU tensors."""
     if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=out, mass=mass)
-    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, mass=mass)
+        return decode_attention_triton(q, k_cache, v_cache, slot_base, kv_len, scale, max_len, out=out, mass=mass,
+                                       slots=slots)
+    y = decode_attention_ref(q, k_cache, v_cache, slot_base, kv_len, scale, mass=mass, slots=slots)
     return y if out is None else out.copy_(y)
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
                             kv_len: torch.Tensor, scale: float, max_len: int, num_parts: int | None = None,
-                            out: torch.Tensor | None = None, mass: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, mass: torch.Tensor | None = None,
+                            slots: torch.Tensor | None = None) -> torch.Tensor:
     """The split-K Triton kernel and its combine (CPU tensors run in Triton's interpreter).
 
     Sequence b attends to slots [slot_base[b], slot_base[b] + kv_len[b]) (slot_base, kv_len: [B] int device
     tensors, 1 <= kv_len[b] <= max_len); query head h reads KV head h // (H / Hkv); softmax in fp32.
     max_len: the static bound the partitioning is derived from; num_parts overrides the partition count (and then
     every partition gets keys whenever the length allows 16 each, instead of MIN_PARTITION); mass: [S, Hkv] fp32
-    contiguous, the attention each key receives added at its slot (a third launch)."""
+    contiguous, the attention each key receives added at its slot (a third launch), except from rows whose slot in
+    slots [B] is negative."""
     B, H, D = q.shape
     Hkv = k_cache.shape[1]
     assert H % Hkv == 0 and k_cache.shape[1:] == (Hkv, D) and v_cache.shape == k_cache.shape
@@ -222,26 +229,29 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                      STORE_LSE=mass is not None)
     if mass is not None:
         assert mass.dtype == torch.float32 and mass.is_contiguous() and mass.shape == k_cache.shape[:2]
+        assert slots is None or slots.shape == (B,)
         _decode_mass_kernel[(B * Hkv, num_parts)](
-            q, k_cache, slot_base, kv_len, lse, mass, scale, q.stride(0), q.stride(1), k_cache.stride(0),
+            q, k_cache, slot_base, kv_len, kv_len if slots is None else slots, lse, mass, scale, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), mass.stride(0), HKV=Hkv, G=G, D=D, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-            MIN_PART=min_part, DOT_F32=dot_f32, num_warps=NUM_WARPS)
+            MIN_PART=min_part, DOT_F32=dot_f32, HAS_SLOTS=slots is not None, num_warps=NUM_WARPS)
     return out
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_base: torch.Tensor,
-                         kv_len: torch.Tensor, scale: float, mass: torch.Tensor | None = None) -> torch.Tensor:
+                         kv_len: torch.Tensor, scale: float, mass: torch.Tensor | None = None,
+                         slots: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch, fp32 scores, softmax and sums, one grouped matmul per KV head group: the oracle and the CPU
     path (mass: as decode_attention)."""
     H, D = q.shape[1:]
     Hkv = k_cache.shape[1]
     out = torch.empty_like(q)
+    adds = [True] * q.shape[0] if slots is None else (slots >= 0).tolist()
     for b, (base, n) in enumerate(zip(slot_base.tolist(), kv_len.tolist())):
         k = k_cache[base:base + n].transpose(0, 1).float()  # [Hkv, n, D]
         v = v_cache[base:base + n].transpose(0, 1).float()
         qg = q[b].view(Hkv, H // Hkv, D).float()  # query head h reads KV head h // (H / Hkv)
         p = torch.softmax(torch.bmm(qg, k.transpose(1, 2)) * scale, dim=-1)  # [Hkv, G, n]
         out[b] = torch.bmm(p, v).view(H, D).to(q.dtype)
-        if mass is not None:
+        if mass is not None and adds[b]:
             mass[base:base + n] += p.sum(1).transpose(0, 1)
     return out

@@ -85,7 +85,8 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr,
     """Grid (T, cdiv(H + 2 Hkv, BLOCK_H)): BLOCK_H heads of one token's qkv row, each as two halves [BLOCK_D] (the
     RoPE pairs j, j + D/2). Heads [0, H) are queries, [H, H + Hkv) keys, the rest values; only q and k are normed and
     rotated. Each head is stored to exactly one of q_out, k_cache, v_cache (masked stores, no branches); with Q_PRE the
-    normed queries before RoPE also go to qp (laid out as q_out)."""
+    normed queries before RoPE also go to qp (laid out as q_out). A token whose slot is negative (a padded row of a
+    captured batch) writes no K/V; its q is still computed."""
     HALF: tl.constexpr = D // 2
     i_t = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
@@ -101,9 +102,10 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr,
     b_lo = tl.load(p_x, mask=m_hd, other=0.0)
     b_hi = tl.load(p_x + HALF, mask=m_hd, other=0.0)
     slot = tl.load(slot_ptr + i_t).to(tl.int64)
+    m_slot = (tl.zeros_like(o_h) + slot) >= 0  # [BLOCK_H]: a padded row (slot -1) stores no K/V
     o_v = (o_h - H - HKV).to(tl.int64)
     p_v = v_ptr + slot * stride_vs + o_v[:, None] * stride_vh + o_d[None, :]
-    m_vd = m_v[:, None] & m_d[None, :]
+    m_vd = (m_v & m_slot)[:, None] & m_d[None, :]
     tl.store(p_v, b_lo.to(v_ptr.dtype.element_ty), mask=m_vd)
     tl.store(p_v + HALF, b_hi.to(v_ptr.dtype.element_ty), mask=m_vd)
     x_lo = b_lo.to(tl.float32)
@@ -136,7 +138,7 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, slot_ptr,
     tl.store(p_q, r_lo.to(q_ptr.dtype.element_ty), mask=m_qd)
     tl.store(p_q + HALF, r_hi.to(q_ptr.dtype.element_ty), mask=m_qd)
     p_k = k_ptr + slot * stride_ks + (o_h - H).to(tl.int64)[:, None] * stride_kh + o_d[None, :]
-    m_kd = m_k[:, None] & m_d[None, :]
+    m_kd = (m_k & m_slot)[:, None] & m_d[None, :]
     tl.store(p_k, r_lo.to(k_ptr.dtype.element_ty), mask=m_kd)
     tl.store(p_k + HALF, r_hi.to(k_ptr.dtype.element_ty), mask=m_kd)
 
@@ -146,7 +148,8 @@ def qk_norm_rope_kv(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm_w: 
                     slot_mapping: torch.Tensor, H: int, Hkv: int, D: int,
                     q_pre: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (H + 2 Hkv) D] (the fused projection) -> rotated q [T, H, D]; writes rotated k and raw v to
-    k_cache, v_cache [S, Hkv, D] at slot_mapping [T]. q_norm_w, k_norm_w: [D] per-head RMSNorm weights (Qwen3) or
+    k_cache, v_cache [S, Hkv, D] at slot_mapping [T] (a negative slot: a padded row, whose K/V go nowhere).
+    q_norm_w, k_norm_w: [D] per-head RMSNorm weights (Qwen3) or
     both None; cos, sin: [T, 1, D] or [T, D] from Rope.cos_sin (HF "half" layout, scale included). q_pre: [T, H, D],
     filled with the queries RoPE rotates (after the norm) when given. Triton on CUDA tensors, the reference on CPU."""
     if qkv.is_cuda:
@@ -204,15 +207,19 @@ def qk_norm_rope_kv_ref(qkv: torch.Tensor, q_norm_w: torch.Tensor | None, k_norm
 
     c, s = cos.reshape(T, 1, D).float(), sin.reshape(T, 1, D).float()
 
-    def rope(x: torch.Tensor) -> torch.Tensor:
+    def rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return x * c + torch.cat((-x[..., D // 2:], x[..., :D // 2]), dim=-1) * s
 
-    k_cache.index_copy_(0, slot_mapping, rope(norm(k, k_norm_w)).to(k_cache.dtype))
-    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    kc, vc, slots = (c, s), v, slot_mapping
+    if not bool((slot_mapping >= 0).all()):  # padded rows of a captured batch (slot -1) write nowhere
+        rows = slot_mapping >= 0
+        k, vc, kc, slots = k[rows], v[rows], (c[rows], s[rows]), slot_mapping[rows]
+    k_cache.index_copy_(0, slots, rope(norm(k, k_norm_w), *kc).to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, vc.to(v_cache.dtype))
     qn = norm(q, q_norm_w)
     if q_pre is not None:
         q_pre.copy_(qn)
-    return rope(qn).to(qkv.dtype)
+    return rope(qn, c, s).to(qkv.dtype)
 
 
 @triton.jit

@@ -23,11 +23,10 @@ import triton.language as tl
 
 from .gemv4 import _q4gemv_kernel
 from .gemv_mma import q4mma, tile_words
+from .qgemm import GEMM_MIN_ROWS, qgemm
 
-GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; up to GEMV_CHUNKED_ROWS rows run as several launches
-GEMV_CHUNKED_ROWS = 32  # above this the weight is dequantized to x.dtype in chunks and multiplied by torch
+GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; fewer than GEMM_MIN_ROWS run as several launches, more as a GEMM
 GEMV_KERNELS = ("mma", "gemv4")  # the few-row GEMVs qgemv may use, besides the fp32 kernel (benchmarks narrow it)
-DEQUANT_CHUNK_BYTES = 64 << 20  # the prefill path's dequantized-weight workspace (the memory planner counts it)
 
 
 @dataclass
@@ -413,8 +412,8 @@ def qlinear(x: torch.Tensor, weight: QuantWeight | list[QuantWeight], bias: torc
 
 
 def qlinear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> [..., N] in x.dtype. Up to GEMV_CHUNKED_ROWS rows: the fused GEMV (8 rows per launch);
-    more (prefill): chunks of DEQUANT_CHUNK_BYTES of dequantized weight, each multiplied by torch (cuBLAS)."""
+    """x: [..., K] -> [..., N] in x.dtype. Fewer than GEMM_MIN_ROWS rows: the fused GEMV (8 rows per launch); more
+    (prefill, large decode batches): the 4-bit GEMM of kernels/qgemm.py, dequantizing in registers."""
     K = qw.shape[1]
     assert x.shape[-1] == K, f"x has {x.shape[-1]} features, the weight {K}"
     x2 = x.reshape(-1, K)
@@ -425,16 +424,11 @@ def qlinear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None =
         return x.new_empty(*x.shape[:-1], N)
     if not _kernel_ok(qw):
         return qlinear_ref(x, qw, bias).to(x.dtype)
-    if M <= GEMV_CHUNKED_ROWS:
+    if M < GEMM_MIN_ROWS:
         y = torch.cat([qgemv(x2[i:i + GEMV_MAX_ROWS], qw, bias) for i in range(0, M, GEMV_MAX_ROWS)]) \
             if M > GEMV_MAX_ROWS else qgemv(x2, qw, bias)
     else:
-        rows = max(16, DEQUANT_CHUNK_BYTES // (K * x.element_size()) // 16 * 16)
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        for start in range(0, N, rows):
-            stop = min(N, start + rows)
-            y[:, start:stop] = F.linear(x2, dequantize(qw, x.dtype, (start, stop)),
-                                        None if bias is None else bias[start:stop])
+        y = qgemm(x2, qw.qweight, qw.scales, qw.offsets, qw.lut, qw.bits, qw.group, qw.zero, qw.tiled, bias)
     return y.view(*x.shape[:-1], N)
 
 

@@ -1,5 +1,7 @@
-"""Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types), pool attention,
-and the quantized linear / embedding layers over kernels/qlinear.py's layout.
+"""Leaf layers shared by the model families: batch metadata, RMSNorm, RoPE (with HF scaling types, partial rotary) and
+the band layout TriAttention scores in, pool attention, the SwiGLU MLP, the full-precision linear layer (dense: fp32
+products for half-precision weights on a CPU) and the quantized linear / embedding layers over kernels/qlinear.py's
+layout.
 
 Attention reads the KV pool as a sequence's slots [base, base + kv_len) in temporal order, keys already rotated:
 SDPA per sequence for prefill, kernels/decode_attention.py for decode. Every op goes through a kernel wrapper that
@@ -14,16 +16,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from openclaw.kernels.decode_attention import decode_attention
-from openclaw.kernels.decode_ops import add_rmsnorm
+from openclaw.kernels.decode_ops import add_rmsnorm, silu_mul
 from openclaw.kernels.qlinear import GEMV_MAX_ROWS, QuantWeight, qgemv, qlinear, silu_mul_interleaved
 from torch import nn
+
+CPU_GEMM_ROWS = 4  # rows from which a CPU product with half-precision weights runs in fp32 (see dense)
+CPU_GEMM_BLOCK = 4 << 20  # bytes of fp32 weight upcast at a time: cache-sized, and reused by the allocator
 
 
 @dataclass
 class BatchMeta:
     """One forward step over several sequences, flattened into T tokens.
 
-    slot_mapping: [T] pool slot each new token's K/V is written to.
+    slot_mapping: [T] pool slot each new token's K/V is written to; -1: a padded row of a captured batch, whose K/V
+                  must go nowhere (every family's KV write skips negative slots).
     seqs: per sequence (q_start, q_len, slot_base, kv_len) with kv_len counted after this step's writes;
           query i of a sequence sees slots [slot_base, slot_base + kv_len - q_len + i].
     sample_idx: [N] rows of T whose logits are wanted (the last token of each sequence that samples).
@@ -136,22 +142,74 @@ def _yarn_inv_freq(dim: int, base: float, factor: float, original: int, params: 
 class Rope:
     """RoPE in the "half" layout (dim j pairs with j + D/2), as HF Llama/Qwen checkpoints expect.
 
+    rotary_dim < head_dim (partial rotary, GLM): bands past rotary_dim / 2 have frequency 0, so their cos is 1 and
+    their sin 0 and those dims pass through unrotated (the attention scaling of YaRN applies to rotated bands only).
     Not an nn.Module: its table is derived from the config, never loaded, so it survives meta-device builds.
     """
 
-    style = "half"  # how dims pair into rotated bands (TriAttention's statistics files record it)
-
-    def __init__(self, head_dim: int, params: dict, max_position_embeddings: int):
+    def __init__(self, head_dim: int, params: dict, max_position_embeddings: int, rotary_dim: int | None = None):
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, f"rotary_dim {rotary_dim} vs head_dim {head_dim}"
         with torch.device("cpu"):  # real values even when the model is built on the meta device
-            self.inv_freq, self.scale = rope_inv_freq(head_dim, params, max_position_embeddings)
+            inv_freq, scale = rope_inv_freq(rotary_dim, params, max_position_embeddings)
+            rest = (head_dim - rotary_dim) // 2
+            self.inv_freq = torch.cat([inv_freq, torch.zeros(rest)])  # [head_dim / 2]: one frequency per band
+            self.band_scale = torch.cat([torch.full_like(inv_freq, scale), torch.ones(rest)])
+        self.scale = scale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] -> cos, sin: [T, 1, D] in dtype (computed in fp32)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
+            self.band_scale = self.band_scale.to(positions.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        scale = torch.cat((self.band_scale, self.band_scale))
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """How the query and key vectors a model attends with (its query tap's vectors, its pool's keys) split into RoPE
+    frequency bands, for TriAttention (TRIATTENTION.md; docs/glm.md for GLM and MLA).
+
+    blocks: (start, width) ranges of the vector, each paired in the half layout (dim j with j + width / 2); bands
+    are numbered block after block. omega: [F] each band's angular frequency, 0 for dims RoPE does not rotate, F the
+    total width / 2. rope_style: how the checkpoint pairs its rotated dims ("half", or "interleaved": adjacent
+    pairs, which the model's weights were permuted from at load, band f keeping its index), recorded in stats files.
+    scale: the softmax scale of a query-key dot product.
+    """
+
+    blocks: tuple[tuple[int, int], ...]
+    omega: torch.Tensor
+    rope_style: str
+    scale: float
+
+    @property
+    def width(self) -> int:
+        return sum(w for _, w in self.blocks)
+
+    @classmethod
+    def single(cls, rope: "Rope", head_dim: int, rope_style: str = "half") -> "BandLayout":
+        """One block of head_dim dims with the rope's frequencies (dense GQA families)."""
+        return cls(((0, head_dim),), rope.inv_freq.cpu(), rope_style, head_dim ** -0.5)
+
+
+def interleaved_to_half(width: int) -> torch.Tensor:
+    """The row order that turns a block of adjacent pairs (2j, 2j + 1) into the half layout (j, j + width / 2): all
+    even dims, then all odd ones. Band j keeps its index, so statistics are the same arrays in either description."""
+    return torch.cat([torch.arange(0, width, 2), torch.arange(1, width, 2)])
+
+
+def permute_rows(t: torch.Tensor | QuantWeight, idx: torch.Tensor) -> torch.Tensor | QuantWeight:
+    """Rows (output features) of a weight or bias in the order idx: exact for a QuantWeight too, whose every row has
+    its own codes, scales and offsets."""
+    if isinstance(t, QuantWeight):
+        assert not t.tiled, "permute a row-major weight"
+        idx = idx.to(t.device)
+        return QuantWeight(t.qweight[idx], t.scales[idx], None if t.offsets is None else t.offsets[idx], t.lut, t.bits,
+                           t.group, t.shape, t.zero)
+    return t[idx.to(t.device)]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,16 +228,19 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     of the step decodes; a prefill chunk through SDPA (and, when mass is wanted, its probabilities once more)."""
     if all(q_len == 1 and q_start == i for i, (q_start, q_len, _, _) in enumerate(meta.seqs)):
         max_len = max(kv_len for _, _, _, kv_len in meta.seqs)
-        return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len, mass=mass)
+        return decode_attention(q, k_cache, v_cache, meta.slot_base, meta.kv_valid, scale, max_len, mass=mass,
+                                slots=meta.slot_mapping)
     out = torch.empty_like(q)
     for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
         if q_len == 1:
             decode_attention(q[q_start:q_start + 1], k_cache, v_cache, meta.slot_base[i:i + 1],
                              meta.kv_valid[i:i + 1], scale, kv_len, out=out[q_start:q_start + 1], mass=mass)
             continue
-        qs = q[q_start:q_start + q_len].transpose(0, 1)  # [H, q_len, D]
-        ks = k_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)  # [Hkv, kv_len, D]
-        vs = v_cache[base:base + kv_len].transpose(0, 1).to(q.dtype)
+        # on a CPU in fp32: half-precision matmuls run at a fifth of its rate there (see dense)
+        dtype = q.dtype if q.is_cuda else torch.float32
+        qs = q[q_start:q_start + q_len].transpose(0, 1).to(dtype)  # [H, q_len, D]
+        ks = k_cache[base:base + kv_len].transpose(0, 1).to(dtype)  # [Hkv, kv_len, D]
+        vs = v_cache[base:base + kv_len].transpose(0, 1).to(dtype)
         # query i sees every cached slot plus new tokens up to itself
         cols = torch.arange(kv_len, device=q.device)
         rows = torch.arange(kv_len - q_len, kv_len, device=q.device)
@@ -188,7 +249,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             o = _prefill_attention_cuda(qs, ks, vs, mask, scale)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[q_start:q_start + q_len] = o.transpose(0, 1)
+        out[q_start:q_start + q_len] = o.transpose(0, 1).to(q.dtype)
         if mass is not None:
             mass[base:base + kv_len] += _received(qs, ks, mask, scale)
     return out
@@ -218,6 +279,32 @@ def _prefill_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out
 
 
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T [K, N] (+ bias) in x.dtype. On a CPU, half-precision weights multiply fast only as a GEMV:
+    this torch's fp16 / bf16 GEMM on AVX2 costs a GEMV per row, 4-5x fp32's time from 8 rows on (bench/RESULTS-cpu.md),
+    so from CPU_GEMM_ROWS rows the product runs in fp32 over the weight upcast CPU_GEMM_BLOCK bytes at a time (nothing
+    weight-sized is allocated) and is rounded once to x.dtype."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda or weight.dtype == torch.float32 or rows < CPU_GEMM_ROWS:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, -1).float()
+    n, k = weight.shape
+    step = max(1, CPU_GEMM_BLOCK // (4 * k))
+    y = torch.empty(rows, n)
+    for i in range(0, n, step):
+        torch.mm(x2, weight[i:i + step].float().T, out=y[:, i:i + step])
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through dense (the same parameters and checkpoint names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense(x, self.weight, self.bias)
+
+
 class QuantLinear(nn.Module):
     """A linear layer over a group-quantized weight (openclaw.kernels.qlinear.QuantWeight), set by the loader: one
     QuantWeight, or a list of them stacked along N in output order when a fused projection's parts have different
@@ -235,6 +322,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.gated = False  # a [gate; up] projection (set by the MLP): the loader may interleave its rows
         self.interleaved = False  # rows in qlinear.interleave_gate_up's order (set by the loader)
+        self.row_major = False  # keep the weight row-major and in one piece (MoE experts: read by expert id)
 
     @property
     def parts(self) -> list[QuantWeight]:
@@ -252,6 +340,26 @@ class QuantLinear(nn.Module):
         if x.is_cuda and 1 <= x2.shape[0] <= GEMV_MAX_ROWS:
             return qgemv(x2.contiguous(), self.qweight, self.bias, silu=True).view(*x.shape[:-1], -1)
         return silu_mul_interleaved(self.forward(x))
+
+
+def linear(in_features: int, out_features: int, bias: bool, quantized: bool) -> nn.Module:
+    return QuantLinear(in_features, out_features, bias) if quantized else Linear(in_features, out_features, bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one gate_up_proj [2I, hidden]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, quantized: bool = False):
+        super().__init__()
+        self.gate_up_proj = linear(hidden_size, 2 * intermediate_size, False, quantized)
+        if quantized:
+            self.gate_up_proj.gated = True  # the loader may interleave its rows (SiLU-mul in the decode GEMV)
+        self.down_proj = linear(intermediate_size, hidden_size, False, quantized)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.gate_up_proj, "interleaved", False):  # a 4-bit weight on the GPU: SiLU in the GEMV
+            return self.down_proj(self.gate_up_proj.silu_mul(x))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class QuantEmbedding(nn.Module):

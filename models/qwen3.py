@@ -10,15 +10,17 @@ pool (the runner passes it in).
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from openclaw.kernels.decode_ops import qk_norm_rope_kv, silu_mul
+from openclaw.kernels.decode_ops import qk_norm_rope_kv
 from openclaw.models.family import Family
 from openclaw.models.layers import (
+    MLP,
+    BandLayout,
     BatchMeta,
     QuantEmbedding,
-    QuantLinear,
     RMSNorm,
     Rope,
+    dense,
+    linear,
     pool_attention,
     rope_parameters,
 )
@@ -70,6 +72,10 @@ class Qwen3Config:
             rope=rope_parameters(d),
         )
 
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(KV heads, key width, value width) of one token in one layer of the KV pool."""
+        return self.num_key_value_heads, self.head_dim, self.head_dim
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV pool bytes of one token, all layers (K and V of every KV head)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
@@ -90,6 +96,10 @@ class Qwen3Config:
         per_layer = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
         return self.num_hidden_layers * per_layer + self.hidden_size
 
+    def dense_bytes(self, dtype_bytes: int) -> int:
+        """Matrices held unquantized whatever the format, besides the embeddings: none here."""
+        return 0
+
     def activation_bytes(self, tokens: int, context: int, dtype_bytes: int) -> int:
         """Bytes of one forward step's transient tensors at `tokens` tokens of prefill against `context` cached ones:
         hidden states, fused qkv, attention output, gate/up, and prefill attention's per-KV-head-group K/V copy
@@ -99,10 +109,6 @@ class Qwen3Config:
         per_token = 4 * h + (heads + 2 * hkv) * d + heads * d + 3 * self.intermediate_size
         attention = 2 * 2 * (heads // hkv) * context * d * dtype_bytes + tokens * context
         return 2 * tokens * per_token * dtype_bytes + attention
-
-
-def linear(in_features: int, out_features: int, bias: bool, quantized: bool) -> nn.Module:
-    return QuantLinear(in_features, out_features, bias) if quantized else nn.Linear(in_features, out_features, bias)
 
 
 class Attention(nn.Module):
@@ -134,26 +140,11 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, self.h * self.d))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config, quantized: bool = False):
-        super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, quantized)
-        if quantized:
-            self.gate_up_proj.gated = True  # the loader may interleave its rows (SiLU-mul in the decode GEMV)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, quantized)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self.gate_up_proj, "interleaved", False):  # a 4-bit weight on the GPU: SiLU in the GEMV
-            return self.down_proj(self.gate_up_proj.silu_mul(x))
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen3Config, quantized: bool = False):
         super().__init__()
         self.self_attn = Attention(cfg, quantized)
-        self.mlp = MLP(cfg, quantized)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, quantized)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -187,6 +178,7 @@ class Qwen3ForCausalLM(nn.Module):
         if quantized or not cfg.tie_word_embeddings:
             self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, quantized)
         self.rope = Rope(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+        self.bands = BandLayout.single(self.rope, cfg.head_dim)  # how TriAttention pairs q/k dims (half layout)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The unquantized model's output projection [vocab, hidden]."""
@@ -196,7 +188,7 @@ class Qwen3ForCausalLM(nn.Module):
         """x: [N, hidden] (final-normed) -> [N, vocab] fp32."""
         if self.quantized:
             return self.lm_head(x).float()
-        return F.linear(x, self.lm_head_weight()).float()
+        return dense(x, self.lm_head_weight()).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: BatchMeta,
                 k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
@@ -212,7 +204,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.logits(x)
 
 
-def checkpoint_target(name: str) -> tuple[str, int, int] | None:
+def checkpoint_target(cfg: object, name: str) -> tuple[str, int, int] | None:
     """Map a checkpoint tensor name to (parameter name, packed index, pack size), or None to skip it.
 
     Packed index -1 means the tensor is the whole parameter.
@@ -226,8 +218,9 @@ def checkpoint_target(name: str) -> tuple[str, int, int] | None:
     return name, -1, 1
 
 
-def packed_sizes(cfg: Qwen3Config, fused: str) -> list[int]:
-    """Output rows of each checkpoint tensor folded into a fused parameter; [] for any other parameter."""
+def packed_sizes(cfg: Qwen3Config, param: str) -> list[int]:
+    """Output rows of each checkpoint tensor folded into a fused parameter (by name); [] for any other parameter."""
+    fused = param.split(".")[-2]
     if fused == "qkv_proj":
         d = cfg.head_dim
         return [cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d]

@@ -76,11 +76,18 @@ class Chat:
                 except KeyboardInterrupt:  # at the prompt: drop the line, as a shell does
                     self.out.print()
                     continue
-                if text.startswith("/") and not text.startswith("//"):
-                    if self.command(text) == "exit":
-                        return
-                elif text.strip():
-                    self.turn(text[1:] if text.startswith("//") else text)
+                except UnicodeDecodeError as e:
+                    self.err.print(f"[bold red]error:[/bold red] the input is not UTF-8 text ({e.reason})")
+                    continue
+                try:
+                    if text.startswith("/") and not text.startswith("//"):
+                        if self.command(text) == "exit":
+                            return
+                    elif text.strip():
+                        self.turn(text[1:] if text.startswith("//") else text)
+                except Exception as e:  # noqa: BLE001 (a bug must never cost the conversation: say what broke, go on)
+                    self.err.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e} (the conversation "
+                                   "is kept)", soft_wrap=True)
         finally:
             if readline and self.history_file:
                 readline.write_history_file(self.history_file)
@@ -102,22 +109,32 @@ class Chat:
         return "\n".join([*lines, line])
 
 
-    def conversation(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        """The system message (if any) and these messages (default: the whole conversation)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + (self.messages if messages is None else messages)
 
-    def _fits(self) -> bool:
-        """Whether the conversation's prompt leaves room to answer (Engine.max_new_tokens): a quarter of the space the
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self.llm.chat_ids(self.conversation(messages), **self._template()))
+
+    def _fits(self, messages: list[dict]) -> bool:
+        """Whether these messages' prompt leaves room to answer (Engine.max_new_tokens): a quarter of the space the
         prompt could take, at most --max-tokens; with a pinned prompt under eviction, any room at all (the answer's
         KV is evicted)."""
         engine = self.llm.engine
         ev = engine.evict
         need = 1 if ev.evicts and ev.pin_prompt else min(self.params.max_tokens, engine.max_new_tokens(0) // 4)
-        return engine.max_new_tokens(len(self.llm.chat_ids(self.conversation(), **self._template()))) >= need
+        return engine.max_new_tokens(self._prompt_tokens(messages)) >= need
 
     def _fit(self) -> int:
-        """Drop the oldest turns until the prompt leaves room to answer; how many messages were dropped."""
+        """Drop the oldest turns until the prompt leaves room to answer; how many messages were dropped. A message
+        that leaves no room even alone is refused first (OpenClawError), so nothing is dropped for it."""
+        if not self._fits(self.messages[-1:]):
+            raise OpenClawError(f"this message takes {self._prompt_tokens(self.messages[-1:])} tokens and leaves too "
+                                f"little room to answer in the model's {self.llm.engine.max_model_len}-token context; "
+                                "shorten it (the conversation is kept)")
         dropped = 0
-        while not self._fits() and len(self.messages) > 1:
+        while not self._fits(self.messages) and len(self.messages) > 1:
             del self.messages[0]
             dropped += 1
             while len(self.messages) > 1 and self.messages[0]["role"] != "user":
@@ -129,23 +146,17 @@ class Chat:
         return {} if self.think is None else {"enable_thinking": self.think}
 
     def turn(self, text: str) -> None:
-        self.messages.append({"role": "user", "content": text})
+        before = self.messages
+        self.messages = [*before, {"role": "user", "content": text}]
         try:
-            if dropped := self._fit():
-                self.err.print(f"[dim](dropped the {dropped} oldest messages to fit the context)[/dim]")
-            request = self.llm.chat_request(self.conversation(), self.params, self.think, self.think_budget)
-            streams = self.llm.streams()
-            key = streams.add(request)
-        except OpenClawError as e:
-            self.messages.pop()
+            answer, reasoning, stats = self._answer()
+        except OpenClawError as e:  # refused, or the answer failed (fp16 overflow): this turn is lost, not the chat
+            self.messages = before
             self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
             return
-        try:
-            answer, reasoning, stats = self._stream(streams, key, len(request.prompt_ids))
-        except OpenClawError as e:  # the engine refused mid-answer (fp16 overflow): this turn is lost, not the chat
-            self.messages.pop()
-            self.err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
-            return
+        except BaseException:
+            self.messages = before
+            raise
         if stats.finish_reason == "abort":
             self.err.print("[dim](stopped)[/dim]")
         elif stats.finish_reason == "length":
@@ -158,8 +169,18 @@ class Chat:
         self.messages.append({"role": "assistant", "content": answer.strip(), "reasoning_content": reasoning.strip()})
         self.last, self.turns, self.generated = stats, self.turns + 1, self.generated + stats.completion_tokens
 
+    def _answer(self) -> tuple[str, str, TurnStats]:
+        """Stream the answer to the conversation, dropping the oldest turns first if it does not fit."""
+        if dropped := self._fit():
+            self.err.print(f"[dim](dropped the {dropped} oldest messages to fit the context)[/dim]")
+        request = self.llm.chat_request(self.conversation(), self.params, self.think, self.think_budget)
+        streams = self.llm.streams()
+        key = streams.add(request)
+        return self._stream(streams, key, len(request.prompt_ids))
+
     def _stream(self, streams, key: int, prompt_tokens: int) -> tuple[str, str, TurnStats]:
         answer = reasoning = ""
+        error = None
         stats = TurnStats(prompt_tokens=prompt_tokens, finish_reason="abort")
         self._stop = False
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
@@ -180,16 +201,20 @@ class Chat:
                             self.out.print("\n")
                         self.out.print(d.text, end="", markup=False, highlight=False)
                         answer += d.text
-                    stats.completion_tokens = len(d.seq.output_ids)
-                    stats.kv_len, stats.kv_capacity = d.seq.kv_len, d.seq.capacity
-                    stats.eviction = self.llm.eviction_note(d.seq)
+                    stats.completion_tokens = d.completion_tokens
+                    stats.kv_len, stats.kv_capacity = d.kv_len, d.kv_capacity
+                    stats.eviction = d.eviction
                     if d.finish_reason:
                         stats.finish_reason = d.finish_reason
+                    if d.error:
+                        error = d.error
         finally:
             streams.close()
             signal.signal(signal.SIGINT, previous)
         end = time.perf_counter()
         self.out.print()
+        if error:
+            raise OpenClawError(error)
         stats.first_token_s = (first or end) - t0
         if first is not None and stats.completion_tokens > 1 and end > first:
             stats.decode_tok_s = (stats.completion_tokens - 1) / (end - first)
@@ -231,7 +256,7 @@ class Chat:
             self.think_budget = None
             self._note("thinking budget off")
             return
-        if not arg.isdigit():
+        if not (arg.isascii() and arg.isdigit()):  # "²".isdigit() is True, but int("²") raises
             raise OpenClawError(f"/think-budget takes a number of tokens or off, not {arg!r}")
         self.think_budget = int(arg)
         self._note(f"thinking closes after {self.think_budget} tokens")
@@ -280,7 +305,7 @@ class Chat:
             data = json.loads(Path(arg).expanduser().read_text(encoding="utf-8"))
         except OSError as e:
             raise OpenClawError(f"could not read {arg}: {e.strerror}") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise OpenClawError(f"{arg} is not a saved chat ({e})") from e
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise OpenClawError(f"{arg} is not a chat written by /save (no \"format\": \"{_FORMAT}\")")

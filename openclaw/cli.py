@@ -1,4 +1,5 @@
-"""The `openclaw` command: run, chat, serve, plan (pull/models: cli_hub.py; calibrate/eval: cli_eval.py).
+"""The `openclaw` command: run, chat, serve, plan (pull/models: cli_hub.py; calibrate/eval: cli_eval.py; bench:
+cli_bench.py).
 With chat.py and the server, the only modules that talk to the user (through rich).
 
 Generated text goes to stdout, everything else (progress, stats, errors) to stderr. An OpenClawError becomes
@@ -16,9 +17,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from openclaw.cli_bench import bench
 from openclaw.cli_eval import calibrate, eval_app, eviction_config
 from openclaw.cli_hub import models, pull
-from openclaw.config import EngineConfig, EvictionConfig, SamplingParams, default_cache_dir
+from openclaw.config import EngineConfig, EvictionConfig, SamplingParams, ServerConfig, default_cache_dir
 from openclaw.errors import OpenClawError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -66,13 +68,17 @@ app.add_typer(eval_app, name="eval")
 app.command()(calibrate)
 app.command()(pull)
 app.command()(models)
+app.command()(bench)
 ThinkBudget = Annotated[int | None, typer.Option(min=1, help="Close the thinking after N tokens (injects </think>).")]
+Verify = Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before loading "
+                                      "(file sizes are always checked).")]
+_SV = ServerConfig()
 
 
 def _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram=None,
-                   quantize=_E.quantize) -> EngineConfig:
+                   quantize=_E.quantize, verify=_E.verify) -> EngineConfig:
     return EngineConfig(model=model, device=device, dtype=dtype, kv_tokens=kv_tokens, max_seqs=max_seqs,
-                        threads=threads, cache_dir=cache_dir, vram=vram, quantize=quantize)
+                        threads=threads, cache_dir=cache_dir, vram=vram, quantize=quantize, verify=verify)
 
 
 def _load(config: EngineConfig):
@@ -109,7 +115,7 @@ def run(
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Answer PROMPT_FILE (stdout: the answer only), or every line of --jsonl IN into --out OUT."""
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -119,6 +125,9 @@ def run(
             raise OpenClawError("--jsonl needs --out FILE for the answers")
         if out_path.is_dir() or not out_path.parent.is_dir():  # found now, not after the whole batch has run
             raise OpenClawError(f"--out {out_path}: {'is a directory' if out_path.is_dir() else 'no such directory'}")
+        if out_path.exists() and jsonl.exists() and out_path.samefile(jsonl):
+            raise OpenClawError(f"--out {out_path} is the input file: the answers would overwrite the prompts; "
+                                "choose another --out")
         from openclaw.batch import read_items
 
         items = read_items(jsonl)
@@ -126,7 +135,7 @@ def run(
         raise OpenClawError("give a PROMPT_FILE, or --jsonl IN --out OUT")
     else:
         text = _read_text(prompt_file)
-    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize)
+    config = _engine_config(model, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize, verify)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     if jsonl is not None:
@@ -138,8 +147,7 @@ def run(
     t0 = time.perf_counter()
     first = None
     n = 0
-    reason = "?"
-    seq = None
+    reason, error, eviction = "?", None, None
     try:
         for d in llm.stream([request]):
             if first is None:
@@ -148,13 +156,16 @@ def run(
                 err.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
             out.out(d.text, end="")
             sys.stdout.flush()
-            n, reason, seq = len(d.seq.output_ids), d.finish_reason or reason, d.seq
+            n, reason, error = d.completion_tokens, d.finish_reason or reason, d.error or error
+            eviction = d.eviction or eviction
     finally:
         llm.close()
     out.out("")
+    if error:
+        raise OpenClawError(error)
     end = time.perf_counter()
-    if seq is not None and (note := llm.eviction_note(seq)):
-        err.print(f"[dim]{note}[/dim]", soft_wrap=True)
+    if eviction:
+        err.print(f"[dim]{eviction}[/dim]", soft_wrap=True)
     decode = f"{(n - 1) / (end - first):.1f} tok/s decode" if first and n > 1 and end > first else ""
     err.print(f"[dim]{len(request.prompt_ids)} prompt tokens, {n} generated ({reason}); "
               f"first token {((first or end) - t0) * 1000:.0f} ms; {decode}[/dim]")
@@ -184,6 +195,10 @@ def _run_jsonl(llm, items: list, defaults: SamplingParams, system, think, think_
         result = run_batch(llm, items, defaults, system, think, think_budget,
                            progress=lambda done, total, tokens: bar.update(task, completed=done, tokens=tokens))
     write_rows(result.rows, out_path)
+    if result.missing:
+        err.print(f"[dim]interrupted: wrote the {len(result.rows)} finished rows to {out_path}; {result.missing} of "
+                  f"{len(items)} items are missing (their index is not in it)[/dim]", soft_wrap=True)
+        sys.exit(130)
     answered = len(items) - result.failed
     err.print(f"[dim]{answered} answers, {result.completion_tokens} tokens in {result.seconds:.1f}s "
               f"({result.completion_tokens / max(result.seconds, 1e-9):.1f} tok/s, {llm.config.max_seqs} at a time); "
@@ -201,14 +216,14 @@ def chat(
     kv_tokens: KvTokens = _E.kv_tokens, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt, vram: Vram = None,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Talk with a model in the terminal: streamed answers, thinking shown dimmed, /help lists the commands."""
     from openclaw.chat import Chat
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                             max_tokens=max_tokens)
-    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram, quantize)
+    config = _engine_config(model_arg or model, device, dtype, kv_tokens, 1, threads, cache_dir, vram, quantize, verify)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
     try:
@@ -229,17 +244,22 @@ def serve(
     max_seqs: MaxSeqs = _E.max_seqs, threads: Threads = None, cache_dir: CacheDir = DEFAULT_CACHE,
     vram: Vram = None, evict: Evict = _V.policy, kv_budget: KvBudget = _V.budget, stats: EvictStats = None,
     protect_recent: ProtectRecent = _V.protect_recent, pin_prompt: PinPrompt = _V.pin_prompt,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a connection may stay silent (or leave a stream "
+                                                     "unread) before it is closed.")] = _SV.read_timeout,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most; more get a 503 at once.")]
+    = _SV.max_connections,
 ):
     """Serve the model over an OpenAI-compatible HTTP API; concurrent requests are decoded in one batch."""
     from openclaw.server.openai_api import Api
     from openclaw.server.server import make_server, serve_until_interrupted
 
     spec = model_arg or model
-    config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize)
+    limits = ServerConfig(read_timeout=read_timeout, max_connections=max_connections)
+    config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize, verify)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
-    api = Api(llm, name or (Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name), max_tokens)
+    api = Api(llm, name or (Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name), max_tokens, limits)
     try:
         server = make_server(llm, api, host, port, log=lambda line: err.print(f"[dim]{line}[/dim]", soft_wrap=True))
     except OSError as e:

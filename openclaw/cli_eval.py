@@ -34,9 +34,12 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the row
 Vram = Annotated[float | None, typer.Option(
     help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
 Quantize = Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")]
+Verify = Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
+                                      "loading, as for `openclaw run`.")]
 
 
-def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int):
+def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
+          verify: bool = _E.verify):
     """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
     import torch
 
@@ -45,21 +48,22 @@ def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | No
     from openclaw.weights.hub import load_quantize, resolve_model
 
     config = EngineConfig(model=model, device=device, dtype=dtype, cache_dir=cache_dir, vram=vram, quantize=quantize,
-                          kv_tokens=kv_tokens)  # validates the options as run, chat and serve do
+                          kv_tokens=kv_tokens, verify=verify)  # validates the options as run, chat and serve do
     dev = pick_device(config.device)
     quantize = load_quantize(model, config.quantize, dev.type == "cuda")
-    model_dir = resolve_model(model, config.cache_dir, quantized=quantize == "nf4")
+    model_dir = resolve_model(model, config.cache_dir, quantized=quantize == "nf4", verify=config.verify)
     torch.manual_seed(0)
     m, _ = plan_and_load(model_dir, dev, resolve_dtype(config.dtype, dev), quantize, vram, kv_tokens=kv_tokens)
     return m, Tokenizer.from_dir(model_dir), model_dir.name
 
 
-def _llm(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int):
+def _llm(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
+         verify: bool = _E.verify):
     """An LLM with full attention and a pool of kv_tokens, for generating traces (openclaw.eval.traces)."""
     from openclaw.llm import LLM
 
     return LLM(EngineConfig(model=model, device=device, dtype=dtype, cache_dir=cache_dir, vram=vram,
-                            quantize=quantize, kv_tokens=kv_tokens, evict=EvictionConfig(policy="full")))
+                            quantize=quantize, kv_tokens=kv_tokens, evict=EvictionConfig(policy="full"), verify=verify))
 
 
 def _text_ids(tokenizer, paths: list[Path]) -> list[int]:
@@ -77,7 +81,7 @@ def _stats(stats: str | None, model):
 
     if stats is None or stats == "auto":
         return None
-    return load_stats(Path(stats), model_metadata(model, ""), model.rope.inv_freq)
+    return load_stats(Path(stats), model_metadata(model, ""), model.bands.omega)
 
 
 def _warm(model, name: str, cache_dir: Path):
@@ -101,11 +105,12 @@ Prompts = Annotated[Path | None, typer.Option(help="Prompts for --generate, one 
                                                    "reasoning prompts).")]
 
 
-def _traces(model: str, device: str, dtype: str, cache_dir: Path, vram, quantize, texts: list[str], tokens: int):
+def _traces(model: str, device: str, dtype: str, cache_dir: Path, vram, quantize, texts: list[str], tokens: int,
+            verify: bool = _E.verify):
     """(llm, traces): one trace of `tokens` generated tokens per prompt text, with full attention."""
     from openclaw.eval.traces import generate_traces
 
-    llm = _llm(model, device, dtype, cache_dir, vram, quantize, len(texts) * (tokens + 1024))
+    llm = _llm(model, device, dtype, cache_dir, vram, quantize, len(texts) * (tokens + 1024), verify)
     with err.status(f"generating {len(texts)} traces of {tokens} tokens"):
         traces = generate_traces(llm, texts, tokens)
     return llm, traces
@@ -122,7 +127,7 @@ def calibrate(
                                                                "cache (what --evict auto warm-starts from).")] = None,
     tokens: Annotated[int, typer.Option(help="Calibration tokens of --text at most (about 32K is enough).")] = 32768,
     dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT or its own generations, for TriAttention."""
     import math
@@ -141,29 +146,30 @@ def calibrate(
     if generate is not None:
         texts = read_prompts(prompts)
         llm, traces = _traces(model_arg, device, dtype, cache_dir, vram, quantize, texts,
-                              math.ceil(generate / len(texts)))
+                              math.ceil(generate / len(texts)), verify)
         model, name = llm.engine.model, llm.model_dir.name
     else:
-        model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT)
+        model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT,
+                                       verify)
         traces = [_text_ids(tokenizer, text)[:tokens]]
         if len(traces[0]) < 1024:
             raise OpenClawError(f"the calibration text has {len(traces[0])} tokens; give at least 1024 (about 32K is "
                                 "best)")
     mc = model.config
-    qs = QueryStats(mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim)
+    qs = QueryStats(mc.num_hidden_layers, mc.num_attention_heads, model.bands.width, blocks=model.bands.blocks)
     for ids in traces:
-        qs.add(run_calibration(model, ids, CALIBRATION_CONTEXT))
+        qs.merge(run_calibration(model, ids, CALIBRATION_CONTEXT))
     meta = model_metadata(model, name)
     if out_path is not None:
-        save_stats(out_path, qs.tri_stats(model.rope.inv_freq), meta, qs.tokens)
+        save_stats(out_path, qs.tri_stats(model.bands.omega), meta, qs.tokens)
         where = str(out_path)
     else:
         path = running_path(cache_dir, name)
         if (before := load_sums(path, meta)) is not None:
-            qs.add(before)
+            qs.merge(before)
         save_sums(path, qs, meta)
         where = f"{path} (online statistics, {qs.tokens:,} tokens in all)"
-    report = concentration(qs.tri_stats(model.rope.inv_freq))
+    report = concentration(qs.tri_stats(model.bands.omega))
     table = Table("layer", "mean R", "heads with dominant-band R > 0.95")
     for layer, (r, share) in enumerate(zip(report.mean_r, report.share_concentrated)):
         table.add_row(str(layer), f"{r:.3f}", f"{share:.0%}")
@@ -196,6 +202,7 @@ def fidelity(
     online: Annotated[bool, typer.Option(help="Add TriAttention with cold online statistics.")] = False,
     json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
+    verify: Verify = _E.verify,
 ):
     """Chunked teacher forcing of TEXT (or of the model's own traces) against full attention: KL, top-1 agreement,
     perplexity per policy/budget; with --generate also how long greedy decoding stays identical to full attention."""
@@ -213,14 +220,15 @@ def fidelity(
     start = score_from if score_from is not None else max(budget_list) + base.divide_length
     if text is not None:
         # the runs advance in lockstep, each on its own pool of window_len slots
-        m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, window_len * (len(runs) + 1))
+        m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, window_len * (len(runs) + 1),
+                                   verify)
         try:
             wins = text_windows(_text_ids(tokenizer, [text]), windows, window_len)
         except ValueError as e:
             raise OpenClawError(str(e))
     else:
         texts = read_prompts(prompts)
-        llm, wins = _traces(model, device, dtype, cache_dir, vram, quantize, texts, generate)
+        llm, wins = _traces(model, device, dtype, cache_dir, vram, quantize, texts, generate, verify)
         m, name = llm.engine.model, llm.model_dir.name
     shortest = min(len(w) for w in wins)
     if start >= shortest - 1:
@@ -264,7 +272,7 @@ def needle(
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
     protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
     device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Plant a fact early, ask for it DORMANCY tokens later: exact match and answer log-prob, with controls."""
     from openclaw.eval.fidelity import standard_runs
@@ -274,7 +282,7 @@ def needle(
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
     runs = standard_runs(policy_list, budget_list, base)
-    m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024)
+    m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024, verify)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
     with err.status("") as status:

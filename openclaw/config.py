@@ -18,6 +18,14 @@ def _check(ok: bool, msg: str) -> None:
         raise OpenClawError(msg)
 
 
+# A temperature below this samples greedily (vLLM's threshold): logits / 1e-300 is inf in float32, and far below
+# 1e-5 the softmax is one-hot anyway.
+GREEDY_BELOW = 1e-5
+# The repetition penalty divides or multiplies logits in float32: inside this range every logit a model gives stays
+# finite (1e-300 became 0 in float32, a division by zero that made the whole batch's sampling step crash)
+PENALTY_RANGE = (1e-4, 1e4)
+
+
 @dataclass
 class SamplingParams:
     """How one request samples. None means: take the model's generation_config value (or the built-in)."""
@@ -30,18 +38,26 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 4096  # run, chat and serve alike; the server caps it by what the context and the pool leave
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # eos does not end the sequence (stop_token_ids still do)
+    min_tokens: int = 0  # eos and stop_token_ids are masked, and stop strings unchecked, before this many tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end the sequence, as eos does
+    skip_special_tokens: bool = True  # special tokens generated mid-text are left out of the text
+    include_stop_str_in_output: bool = False  # the stop string (or the stop token's text) stays at the text's end
 
     def __post_init__(self) -> None:
-        _check(self.temperature is None or self.temperature >= 0, f"temperature {self.temperature} must be >= 0")
+        _check(self.temperature is None or 0 <= self.temperature < float("inf"),
+               f"temperature {self.temperature} must be >= 0 (below {GREEDY_BELOW} it is greedy)")
         _check(self.top_p is None or 0 < self.top_p <= 1, f"top_p {self.top_p} must be in (0, 1]")
         _check(self.top_k is None or self.top_k >= 0, f"top_k {self.top_k} must be >= 0 (0 disables it)")
         _check(self.min_p is None or 0 <= self.min_p < 1, f"min_p {self.min_p} must be in [0, 1)")
-        _check(
-            self.repetition_penalty is None or self.repetition_penalty > 0,
-            f"repetition_penalty {self.repetition_penalty} must be > 0 (1 disables it)",
-        )
+        lo, hi = PENALTY_RANGE
+        _check(self.repetition_penalty is None or lo <= self.repetition_penalty <= hi,
+               f"repetition_penalty {self.repetition_penalty} must be in [{lo:g}, {hi:g}] (1 disables it)")
         _check(self.max_tokens >= 1, f"max_tokens {self.max_tokens} must be >= 1")
+        _check(0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens {self.min_tokens} must be in [0, max_tokens {self.max_tokens}]")
+        _check(all(0 <= t < 2**31 for t in self.stop_token_ids),
+               f"stop_token_ids {self.stop_token_ids} must be token ids (integers >= 0)")
         _check(self.seed is None or 0 <= self.seed < 2**63, f"seed {self.seed} must be in [0, 2**63)")
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
@@ -53,7 +69,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature is not None and self.temperature == 0
+        return self.temperature is not None and self.temperature < GREEDY_BELOW
 
 
 QUANTIZE = ("auto", "none", "nf4")  # what --quantize accepts; see EngineConfig.quantize
@@ -150,13 +166,14 @@ class EngineConfig:
     # weights as stored (GGUF blocks dequantized); auto: nf4 on a GPU for GGUF files, manifest models marked
     # bf16->nf4, and checkpoints whose weights fit --vram only as NF4; none on a CPU (full precision decodes faster)
     quantize: str = "auto"
-    cuda_graphs: bool = True  # replay batch-1 decode steps from captured CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # decode rows replay captured CUDA graphs, one per (batch, KV-length) bucket (GPU only)
     max_seqs: int = 16  # sequences decoded together at most
     max_model_len: int | None = None  # per-sequence length cap; None = the model's context length
     max_batch_tokens: int = 512  # tokens per forward step (prefill is chunked to fit)
     cache_dir: Path = field(default_factory=default_cache_dir)
     threads: int | None = None  # CPU threads for torch; None = torch's default
     evict: EvictionConfig = field(default_factory=EvictionConfig)  # KV eviction (default: auto)
+    verify: bool = False  # hash every file of a converted or pulled model at load (sizes are always checked)
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -172,3 +189,47 @@ class EngineConfig:
                f"{self.max_batch_tokens} (every decoding sequence takes one token of a step)")
         _check(self.max_model_len is None or self.max_model_len >= 2, f"max_model_len {self.max_model_len} must be >= 2")
         self.cache_dir = Path(self.cache_dir).expanduser()
+
+
+@dataclass
+class BenchConfig:
+    """What `openclaw bench` measures (openclaw.eval.speed). An empty list takes the device's default: on a CPU
+    BENCH_CPU's, on a GPU BENCH_GPU's."""
+
+    prompt_lengths: list[int] = field(default_factory=list)  # prefill: prompt tokens
+    contexts: list[int] = field(default_factory=list)  # decode: cached tokens per sequence when timing starts
+    batch_sizes: list[int] = field(default_factory=list)  # decode: sequences decoding together
+    steps: int = 32  # timed decode steps per figure
+    reps: int = 1  # each figure is the best of reps runs, after a warm-up run
+    random_weights: bool = False  # random weights of a manifest model's real shapes: nothing is downloaded
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_lengths", "contexts", "batch_sizes"):
+            values = getattr(self, name)
+            _check(all(v >= 1 for v in values), f"--{name.replace('_', '-')} {values} must all be >= 1")
+        _check(self.steps >= 1 and self.reps >= 1, f"--steps {self.steps} and --reps {self.reps} must be >= 1")
+
+    def for_device(self, cuda: bool) -> "BenchConfig":
+        """A copy with every empty list filled with the device's default."""
+        defaults = BENCH_GPU if cuda else BENCH_CPU
+        return replace(self, **{k: getattr(self, k) or list(v) for k, v in defaults.items()})
+
+
+BENCH_CPU = {"prompt_lengths": (2048,), "contexts": (128,), "batch_sizes": (1, 8)}
+BENCH_GPU = {"prompt_lengths": (512, 4096), "contexts": (128, 4096), "batch_sizes": (1, 2, 4, 8, 16)}
+
+
+@dataclass
+class ServerConfig:
+    """How `openclaw serve` bounds what clients may hold: connections, time, and the size of a request."""
+
+    read_timeout: float = 60.0  # seconds a connection may stay silent (or not read a stream) before it is closed
+    max_connections: int = 256  # open connections at most (each is a thread); more get a 503 at once
+    max_body: int = 32 * 2**20  # bytes of a request body
+    max_messages: int = 4096  # messages of one chat request, checked before any of them is read
+
+    def __post_init__(self) -> None:
+        _check(self.read_timeout > 0, f"--read-timeout {self.read_timeout} must be > 0 seconds")
+        _check(self.max_connections >= 1, f"--max-connections {self.max_connections} must be >= 1")
+        _check(self.max_body >= 1024 and self.max_messages >= 1,
+               f"max_body {self.max_body} must be >= 1024 bytes and max_messages {self.max_messages} >= 1")

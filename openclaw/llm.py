@@ -3,7 +3,8 @@
 It resolves and loads a model, renders chat templates, detokenizes incrementally, splits reasoning from the
 answer, closes thinking budgets and applies stop strings (calling Engine.finish when one is hit). Streams is
 the live form (requests join and leave while decoding: the server's engine thread); LLM.stream and
-LLM.generate run a fixed list. It does not print; callers decide how text reaches the user.
+LLM.generate run a fixed list. Deltas are plain data (counts, not the live Sequence), safe to hand to another
+thread. It does not print; callers decide how text reaches the user.
 """
 
 import itertools
@@ -29,13 +30,20 @@ class Request:
 
 @dataclass
 class Delta:
-    """New text of request `index` (answer in text, thinking in reasoning); finish_reason is set on its last."""
+    """New text of request `index` (answer in text, thinking in reasoning); finish_reason is set on its last, and
+    with finish_reason "error", error says why. Counts describe the request after this delta."""
 
     index: int
     text: str
-    seq: Sequence
+    completion_tokens: int
     finish_reason: str | None = None
     reasoning: str = ""
+    prompt_tokens: int = 0
+    error: str | None = None
+    input_error: bool = False  # the error is the request's own (an OpenClawError): a 4xx for the server
+    kv_len: int = 0  # KV entries the sequence holds (prompt and output, less what was evicted)
+    kv_capacity: int = 0  # pool slots it owns
+    eviction: str | None = None  # once the sequence has evicted: one line on when and how (LLM.eviction_note)
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     reasoning: str = ""
+    error: str | None = None
 
 
 class LLM:
@@ -54,7 +63,7 @@ class LLM:
                                                         pick_device(config.device).type == "cuda"))
         self.config = config
         self.model_dir = resolve_model(config.model, config.cache_dir, progress=progress,
-                                       quantized=config.quantize == "nf4")
+                                       quantized=config.quantize == "nf4", verify=config.verify)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine = Engine(self.model_dir, config, extra_eos=self.tokenizer.eos_ids, progress=progress)
 
@@ -112,8 +121,8 @@ class LLM:
             reasoning[d.index] += d.reasoning
             if d.finish_reason:
                 done[d.index] = d
-        return [Completion(texts[i], len(r.prompt_ids), len(done[i].seq.output_ids), done[i].finish_reason,
-                           reasoning[i]) for i, r in enumerate(requests)]
+        return [Completion(texts[i], len(r.prompt_ids), done[i].completion_tokens, done[i].finish_reason, reasoning[i],
+                           done[i].error) for i, r in enumerate(requests)]
 
 
 @dataclass
@@ -143,9 +152,11 @@ class Streams:
         """Queue a request; raises OpenClawError when it can never run (too long for the context or the pool)."""
         seq = self.engine.add_request(request.prompt_ids, request.params)
         key = next(self._keys)
-        self._live[key] = _Live(request, seq, IncrementalDetokenizer(self.llm.tokenizer),
+        p = request.params
+        self._live[key] = _Live(request, seq, IncrementalDetokenizer(self.llm.tokenizer,
+                                                                     skip_special_tokens=p.skip_special_tokens),
                                 ThinkSplitter(request.thinking) if request.split_reasoning else None,
-                                StopChecker(request.params.stop), request.think_budget)
+                                StopChecker(p.stop, p.include_stop_str_in_output), request.think_budget)
         return key
 
     def cancel(self, key: int) -> None:
@@ -167,28 +178,41 @@ class Streams:
         return live.seq if live else None
 
     def step(self) -> list[Delta]:
-        """One engine step; a delta for each request with new text, and a last one (finish_reason set) each."""
+        """One engine step; a delta for each request with new text, and a last one (finish_reason set) each. An
+        exception while turning one request's token into text ends that request alone, with finish_reason "error"."""
         by_seq = {live.seq.seq_id: key for key, live in self._live.items()}
         deltas = []
         for seq, token in self.engine.step():
             key = by_seq.get(seq.seq_id)
-            if key is not None and (d := self._advance(key, token)) is not None:
+            if key is None:
+                continue
+            try:
+                d = self._advance(key, token)
+            except Exception as e:  # noqa: BLE001 (Engine.fail_on logs it; the other requests go on)
+                self.engine.fail_on(seq, e)
+                self._live.pop(key, None)
+                d = _delta(key, seq, "", "", self.llm.eviction_note(seq))
+            if d is not None:
                 deltas.append(d)
         return deltas
 
     def _advance(self, key: int, token: int) -> Delta | None:
         live = self._live[key]
-        seq = live.seq
-        text = "" if token in self.engine.eos_ids else live.detok.push(token)
+        seq, p = live.seq, live.seq.params
+        # the scheduler ended seq at this token (eos or a stop token): its text is not part of the answer
+        stop_token = seq.finish_reason == "stop" and not p.include_stop_str_in_output
+        text = "" if token < 0 or stop_token else live.detok.push(token)  # -1: the step failed this sequence
         reasoning, answer = live.split.feed(text) if live.split else ("", text)
-        if live.split and live.split.thinking and live.think_left is not None:
+        if live.split and live.split.thinking and live.think_left is not None and not seq.finished:
             live.think_left -= 1
             if live.think_left <= 0 and self.engine.inject(seq, self._close_ids):
                 live.think_left = None
                 for t in self._close_ids:  # the injected tokens are text the user and the next turn see
                     r, a = live.split.feed(live.detok.push(t))
                     reasoning, answer = reasoning + r, answer + a
-        answer, hit = live.stop.feed(answer)
+        hit = False
+        if len(seq.output_ids) >= p.min_tokens:  # stop strings count only from min_tokens on
+            answer, hit = live.stop.feed(answer)
         if hit:
             self.engine.finish(seq, "stop")
         elif seq.finished:
@@ -198,8 +222,13 @@ class Streams:
         if seq.finished:
             del self._live[key]
         if reasoning or answer or seq.finished:
-            return Delta(key, answer, seq, seq.finish_reason if seq.finished else None, reasoning)
+            return _delta(key, seq, answer, reasoning, self.llm.eviction_note(seq))
         return None
+
+
+def _delta(key: int, seq: Sequence, text: str, reasoning: str, eviction: str | None) -> Delta:
+    return Delta(key, text, len(seq.output_ids), seq.finish_reason if seq.finished else None, reasoning,
+                 seq.prompt_len, seq.error, seq.input_error, seq.kv_len, seq.capacity, eviction)
 
 
 def _flush(live: _Live) -> tuple[str, str]:

@@ -48,15 +48,70 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# What one chat-template render may spend: characters of output (and of any string or list it builds), and loop
+# iterations over all its loops. A prompt is a context's worth of text (a 128K-token context is ~0.5M characters),
+# so these only stop templates that would run away: range(10**9), nested loops, 'x' * 10**9.
+MAX_RENDER_CHARS = 2**25
+MAX_LOOP_STEPS = 2**20
+_BUDGET = "openclaw render budget"  # the render's _Budget in its context; no template can name a key with spaces
+
+
+class _Budget:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_LOOP_STEPS:
+            raise jinja2.sandbox.SecurityError(f"the template looped more than {MAX_LOOP_STEPS} times")
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The immutable sandbox, bounded: every {% for %} counts its iterations against the render's budget (the
+    compiled loop iterates through bounded()), and * and ** refuse results past MAX_RENDER_CHARS."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left, right):
+        if (operator == "**" and isinstance(left, int) and isinstance(right, int)
+                and abs(left).bit_length() * right > 8 * MAX_RENDER_CHARS):
+            raise jinja2.sandbox.SecurityError(f"{left} ** {right} is too large a number")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDER_CHARS:
+                raise jinja2.sandbox.SecurityError(f"a sequence of {len(seq)} repeated {n} times is too long")
+        return super().call_binop(context, operator, left, right)
+
+    @staticmethod
+    def bounded(context, iterable):
+        budget = context.get(_BUDGET)
+        for item in iterable:
+            budget.step()
+            yield item
+
+
 def _compile(template: str) -> jinja2.Template:
     # Templates come from the Hub: render them in the immutable sandbox with the helpers transformers provides
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
+    tree = env.parse(template)
+    for loop in tree.find_all(jinja2.nodes.For):  # for x in ITER -> for x in environment.bounded(context, ITER)
+        loop.iter = jinja2.nodes.Call(jinja2.nodes.EnvironmentAttribute("bounded"),
+                                      [jinja2.nodes.ContextReference(), loop.iter], [], None, None)
+    return env.from_string(tree)
+
+
+def _render(template: jinja2.Template, context: dict) -> str:
+    """The template's output, stopped past MAX_RENDER_CHARS (and loops past MAX_LOOP_STEPS)."""
+    out, size = [], 0
+    for chunk in template.generate(**context, **{_BUDGET: _Budget()}):
+        size += len(chunk)
+        if size > MAX_RENDER_CHARS:
+            raise jinja2.sandbox.SecurityError(f"the template wrote more than {MAX_RENDER_CHARS} characters")
+        out.append(chunk)
+    return "".join(out)
 
 
 class Tokenizer:
@@ -113,7 +168,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; add_special_tokens applies tokenizer.json's post-processor and add_bos_token."""
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the Rust side takes valid Unicode only: a lone surrogate (JSON's "\ud800") is not
+            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise OpenClawError(f"the text holds a lone surrogate ({text[bad]!r} at character {bad}), which is not "
+                                "valid Unicode") from None
         if add_special_tokens and self.add_bos_token and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         return ids
@@ -145,11 +207,14 @@ class Tokenizer:
         try:
             if name not in self._compiled:
                 self._compiled[name] = _compile(template)
-            return self._compiled[name].render(**context)
+            return _render(self._compiled[name], context)
         except jinja2.TemplateSyntaxError as e:
             raise OpenClawError(f"the chat template of {self.name} does not parse (line {e.lineno}): {e.message}") from e
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
+        except jinja2.TemplateError as e:
             raise OpenClawError(f"the chat template of {self.name} failed on this conversation: {e}") from e
+        except Exception as e:  # the template is code from the model's files: whatever it raises is its failure
+            raise OpenClawError(f"the chat template of {self.name} failed on this conversation "
+                                f"({type(e).__name__}: {e})") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
                     enable_thinking: bool | None = None, **extra) -> list[int]:
@@ -196,10 +261,12 @@ class IncrementalDetokenizer:
 
 
 class StopChecker:
-    """Cuts streamed text at the first stop string, holding back a tail that may be the start of one."""
+    """Cuts streamed text at the first stop string (after it, when keep_stop), holding back a tail that may be the
+    start of one."""
 
-    def __init__(self, stop: list[str]):
+    def __init__(self, stop: list[str], keep_stop: bool = False):
         self.stop = [s for s in stop if s]  # an empty stop string would end every request at once
+        self.keep_stop = keep_stop
         self.buffer = ""
         self.stopped = False
 
@@ -208,9 +275,10 @@ class StopChecker:
         if self.stopped:
             return "", True
         self.buffer += text
-        hits = [i for s in self.stop if (i := self.buffer.find(s)) >= 0]
+        hits = [(i, len(s)) for s in self.stop if (i := self.buffer.find(s)) >= 0]
         if hits:
-            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            i, n = min(hits)
+            out, self.buffer, self.stopped = self.buffer[:i + n * self.keep_stop], "", True
             return out, True
         hold = 0
         for s in self.stop:

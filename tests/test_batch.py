@@ -2,9 +2,13 @@
 
 import json
 import os
+import pty
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,3 +79,62 @@ def test_out_that_cannot_be_written_is_refused_before_loading(tmp_path):
         r = subprocess.run([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", out, "--model", "Nope"],
                            check=False, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
         assert r.returncode == 2 and r.stderr.strip() == f"error: --out {out}: {message}", r.stderr
+
+
+def test_line_separators_inside_json_strings_do_not_split_lines(tmp_path):
+    """str.splitlines also splits at U+2028, U+0085, ...: 4 valid lines became 6 rows and every later index shifted."""
+    p = tmp_path / "in.jsonl"
+    items = [{"prompt": "one\u2028two"}, {"prompt": "three\x85four"}, {"prompt": "five\u2029\x1c\x1d\x1esix"},
+             {"prompt": "seven"}]
+    p.write_text("\n".join(json.dumps(it, ensure_ascii=False) for it in items) + "\r\n", encoding="utf-8")
+    assert read_items(p) == items
+
+
+def test_out_equal_to_the_input_is_refused(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for out in (src, tmp_path / "link.jsonl", tmp_path / "." / "in.jsonl"):
+        r = subprocess.run([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", out, "--model", "Nope"],
+                           check=False, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 2 and "is the input file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert src.read_text() == '{"prompt": "hi"}\n'
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_every_finished_answer_and_says_how_many_are_missing(smol_model_dir, tmp_path):
+    """Ctrl-C (exit 130) once wrote no --out at all; a temperature of 1e-300 once crashed the whole run."""
+    quick = [{"id": "a", "prompt": "What is the capital of France?", "max_tokens": 4},
+             {"id": "b", "prompt": "Name a color.", "max_tokens": 3, "temperature": 1e-300},
+             {"id": "c", "prompt": "hi", "repetition_penalty": 1e-300}]
+    slow = [{"id": f"slow{i}", "prompt": "Tell me a long story.", "max_tokens": 4000, "ignore_eos": True}
+            for i in range(3)]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(it) + "\n" for it in quick[:2] + slow[:1] + quick[2:] + slow[1:]))
+    master, terminal = pty.openpty()  # stderr on a terminal: the progress bar shows how many items are done
+    proc = subprocess.Popen([sys.executable, "-m", "openclaw", "run", "--jsonl", src, "--out", dst, "--model",
+                             smol_model_dir, "--device", "cpu", "--max-seqs", "8", "--dtype", "float32",
+                             "--temperature", "0.7"], stderr=terminal, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "COLUMNS": "200", "OPENCLAW_CACHE": str(tmp_path), "TERM": "xterm"})
+    os.close(terminal)
+    shown, deadline = b"", time.monotonic() + 300
+    while b"3/6" not in shown:  # the quick items are done, the slow ones decode
+        assert proc.poll() is None and time.monotonic() < deadline, shown.decode(errors="replace")
+        if select.select([master], [], [], 0.5)[0]:
+            shown += os.read(master, 65536)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    while select.select([master], [], [], 0.2)[0]:
+        try:
+            shown += os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+    os.close(master)
+    stderr = shown.decode(errors="replace")
+    assert "wrote the 3 finished rows" in stderr and "3 of 6 items are missing" in stderr, stderr
+    assert "Traceback" not in stderr
+    rows = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert [(r["index"], r["id"]) for r in rows] == [(0, "a"), (1, "b"), (3, "c")]
+    assert rows[0]["completion_tokens"] == 4 or rows[0]["finish_reason"] == "stop"
+    assert rows[1]["text"] and rows[1]["completion_tokens"] <= 3  # greedy: no crash
+    assert "repetition_penalty 1e-300 must be in" in rows[2]["error"]

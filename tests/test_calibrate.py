@@ -1,6 +1,7 @@
 """Calibration: exact pre-RoPE queries (after q_norm), the reference stats format, refusals, online statistics."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from tiny_models import make_hf_model, quantized_copy
 from openclaw.config import EngineConfig, EvictionConfig, SamplingParams
 from openclaw.engine.engine import Engine
 from openclaw.errors import OpenClawError
-from openclaw.evict.calibrate import calibrate, concentration
+from openclaw.evict.calibrate import StatsTaps, calibrate, concentration
 from openclaw.evict.evictor import TriStats
-from openclaw.evict.query_stats import QueryStats, StatsTap, load_sums, running_path, save_sums
+from openclaw.evict.query_stats import QueryStats, load_sums, running_path, save_sums
 from openclaw.evict.stats_file import load_stats, save_stats
 from openclaw.weights.loader import load_model
 
@@ -70,7 +71,7 @@ def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
 def meta(L=3, H=4, D=24, q_norm=False) -> dict:
     """model_metadata of a model of these shapes (its RoPE: OMEGA, theta 1e4)."""
     return {"model_name": "tiny", "num_layers": L, "num_attention_heads": H, "num_key_value_heads": 2, "head_dim": D,
-            "rope_style": "half", "rotary_dim": D, "rope_theta": 1e4, "rope_type": "default",
+            "rope_style": "half", "blocks": [[0, D]], "rope_theta": 1e4, "rope_type": "default",
             "inv_freq": OMEGA.tolist()[:D // 2], "query_capture": "rope_input", "q_norm": q_norm}
 
 
@@ -157,10 +158,52 @@ class Payload:
 def test_files_that_need_code_to_load_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"metadata": Payload()}, f, protocol=2)
-    with pytest.raises(OpenClawError, match="not a loadable stats file"):
+    with pytest.raises(OpenClawError, match="not a loadable stats file") as e:
         load_stats(tmp_path / "evil.pt", meta(), OMEGA)
+    assert "\n" not in str(e.value)  # torch's refusal runs over five lines
     with pytest.raises(OpenClawError, match="does not exist"):
         load_stats(tmp_path / "missing.pt", meta(), OMEGA)
+
+
+def _reference_payload(L: int = 1, H: int = 2) -> dict:
+    s = random_stats(L=L, H=H)
+    return {"metadata": {"sampled_heads": [[layer, h] for layer in range(L) for h in range(H)], "head_dim": 24},
+            "stats": {f"layer{layer:02d}_head{h:02d}": {"q_mean_real": s.mu_re[layer, h], "q_mean_imag": s.mu_im[layer, h],
+                                                      "q_abs_mean": s.a_mean[layer, h]}
+                      for layer in range(L) for h in range(H)}}
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p["stats"].update(layer00_head01="not a dict"),
+    lambda p: p["stats"]["layer00_head00"].pop("q_mean_imag"),
+    lambda p: p["stats"]["layer00_head00"].update(q_mean_real="text"),
+    lambda p: p["stats"]["layer00_head00"].update(q_mean_real=torch.full((12,), float("nan"))),
+    lambda p: p["metadata"].update(sampled_heads=[["zero", 0], [0, 1]]),
+    lambda p: p["metadata"].update(sampled_heads=[[0], [0, 1]]),
+    lambda p: p["metadata"].update(sampled_heads=7),
+])
+def test_malformed_stats_files_are_one_line_errors(tmp_path, damage):
+    """These raised TypeError / KeyError / ValueError with a traceback (exit 1)."""
+    payload = _reference_payload()
+    damage(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(OpenClawError, match="bad.pt") as e:
+        load_stats(tmp_path / "bad.pt", meta(L=1, H=2), OMEGA)
+    assert "\n" not in str(e.value)
+
+
+def test_stats_are_written_through_a_temporary_file(tmp_path, monkeypatch):
+    save_stats(tmp_path / "s.pt", random_stats(), meta(), tokens=100)
+    before = (tmp_path / "s.pt").read_bytes()
+
+    def cut_short(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_stats(tmp_path / "s.pt", random_stats(seed=1), meta(), tokens=100)
+    assert (tmp_path / "s.pt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.pt"]
 
 
 def test_concentration_report():
@@ -188,10 +231,13 @@ def test_online_statistics_equal_offline_on_the_same_text(tmp_path):
 
 def test_query_stats_running_means():
     qs = QueryStats(2, 1, 4)
-    tap = StatsTap(qs, 2)
-    q = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[3.0, 0.0, 0.0, -1.0]]])  # bands (1+0i, 0+1i), (3+0i, 0-1i)
-    tap(q, q)
-    tap(q, q)
+    taps = StatsTaps(qs, 2)
+    q = torch.tensor([[[1.0, 0.0, 0.0, 1.0]], [[3.0, 0.0, 0.0, -1.0]], [[9.0, 9.0, 9.0, 9.0]]])
+    # bands (1+0i, 0+1i), (3+0i, 0-1i); the third row is padding (slot -1) and must not count
+    record = taps.tap([(None, 2)]).bind(torch.zeros(0, 3), torch.tensor([4, 5, -1]), torch.arange(3))
+    record(q, q)
+    record(q, q)
+    assert qs.tokens == 2
     s = qs.tri_stats(torch.ones(2))
     assert s.mu_re[0, 0].tolist() == [2.0, 0.0] and s.mu_im[0, 0].tolist() == [0.0, 0.0]
     assert s.a_mean[1, 0].tolist() == [2.0, 1.0]
@@ -242,14 +288,20 @@ def test_online_statistics_persist_and_warm_start_the_next_session(tmp_path):
 
 def test_persisted_sums_of_another_model_are_ignored(tmp_path, caplog):
     qs = QueryStats(3, 4, 24)
-    qs.update(0, torch.randn(5, 4, 24))
+    qs.add(0, torch.randn(5, 4, 24))
+    qs.tokens = 5
     save_sums(tmp_path / "s.pt", qs, meta())
-    assert load_sums(tmp_path / "s.pt", meta()).tokens == 0  # layers 1 and 2 saw nothing yet
-    assert torch.equal(load_sums(tmp_path / "s.pt", meta()).re, qs.re)
+    back = load_sums(tmp_path / "s.pt", meta())
+    assert back.tokens == 5 and torch.equal(back.re, qs.re) and back.re.dtype == torch.float64
     with caplog.at_level("WARNING"):
         assert load_sums(tmp_path / "s.pt", meta(L=5)) is None
         assert load_sums(tmp_path / "s.pt", meta() | {"inv_freq": (OMEGA * 3).tolist()}) is None
-    assert len(caplog.records) == 2 and "starting cold" in caplog.records[0].getMessage()
+        assert load_sums(tmp_path / "s.pt", meta() | {"blocks": [[0, 12], [12, 12]]}) is None
+        data = torch.load(tmp_path / "s.pt", weights_only=True)
+        data["abs"] = data["abs"][:2]
+        torch.save(data, tmp_path / "bad.pt")
+        assert load_sums(tmp_path / "bad.pt", meta()) is None
+    assert len(caplog.records) == 4 and all("starting cold" in r.getMessage() for r in caplog.records)
     assert load_sums(tmp_path / "missing.pt", meta()) is None
 
 
@@ -257,7 +309,8 @@ def test_the_cache_online_statistics_load_as_a_stats_file(tmp_path):
     """--stats accepts the sums OpenClaw keeps in its cache: their means, checked against the model like any file."""
     qs = QueryStats(3, 4, 24)
     for layer in range(3):
-        qs.update(layer, torch.randn(7, 4, 24, generator=torch.Generator().manual_seed(layer)))
+        qs.add(layer, torch.randn(7, 4, 24, generator=torch.Generator().manual_seed(layer)))
+    qs.tokens = 7
     save_sums(tmp_path / "s.pt", qs, meta())
     got, want = load_stats(tmp_path / "s.pt", meta(), OMEGA), qs.tri_stats(OMEGA)
     assert torch.equal(got.mu_re, want.mu_re) and torch.equal(got.a_mean, want.a_mean)

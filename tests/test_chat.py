@@ -14,6 +14,7 @@ import termios
 import time
 
 import pytest
+import torch
 from rich.console import Console
 from test_tokenizer import QWEN3_TEMPLATE
 
@@ -244,3 +245,49 @@ def test_a_session_longer_than_the_kv_pool_keeps_going(smol_model_dir, evict):
     else:
         assert "dropped" not in err.getvalue() and len(chat.messages) == 4
         assert chat.last.prompt_tokens > 128 and chat.last.kv_len <= 32 + 64
+
+
+def test_an_over_long_message_is_refused_before_any_turn_is_dropped(smol_model_dir, tmp_path):
+    """It dropped every old turn and was then refused anyway: /stats showed context 0 and /save wrote 0 messages."""
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=256)
+    chat.turn("What is the capital of France?")
+    chat.turn("And of Germany?")
+    before = list(chat.messages)
+    assert len(before) == 4
+    chat.turn("Please read this. " * 80)
+    assert chat.messages == before
+    assert re.search(r"error: this message takes \d+ tokens and leaves too little room to answer", err.getvalue())
+    chat.command(f"/save {tmp_path / 'kept.json'}")
+    assert "saved 4 messages" in err.getvalue()
+    chat.turn("And of Italy?")  # the conversation goes on where it was
+    assert len(chat.messages) == 6 and chat.messages[:4] == before
+
+
+def test_bad_budgets_deep_files_and_failed_answers_keep_the_conversation(smol_model_dir, tmp_path):
+    """/think-budget ² raised ValueError and /load of deeply nested JSON RecursionError: the chat died with its
+    conversation. A row with non-finite logits ends this answer with an error, and only it."""
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=1024)
+    chat.turn("What is the capital of France?")
+    before = list(chat.messages)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for command, message in [("/think-budget ²", "/think-budget takes a number of tokens or off, not '²'"),
+                             ("/think-budget ٣", "not '٣'"), (f"/load {tmp_path / 'deep.json'}", "is not a saved chat")]:
+        err.seek(0), err.truncate()
+        assert chat.command(command) is None
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+    step = chat.llm.engine.runner.step
+
+    def nan_logits(batch, tap=None, rows=None):
+        logits, seqs = step(batch, tap, rows)
+        with torch.inference_mode():
+            logits[:, 0] = float("nan")
+        return logits, seqs
+
+    chat.llm.engine.runner.step = nan_logits
+    err.seek(0), err.truncate()
+    chat.turn("And of Germany?")
+    assert "(non-finite logits); rerun with --dtype bfloat16" in err.getvalue() and chat.messages == before
+    chat.llm.engine.runner.step = step
+    chat.turn("And of Germany?")
+    assert len(chat.messages) == 4 and "Berlin" in chat.messages[-1]["content"]

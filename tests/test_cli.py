@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -118,7 +119,7 @@ def test_run_answers_on_stdout_only(prompt, tmp_path, smol_dir):
     assert "tok/s" in r.stderr and "tok/s" not in r.stdout
 
 
-@pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("calibrate",), ("eval", "fidelity"),
+@pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("bench",), ("calibrate",), ("eval", "fidelity"),
                                      ("eval", "needle")])
 def test_every_command_that_loads_a_model_takes_vram_and_quantize(command):
     import typer
@@ -130,6 +131,7 @@ def test_every_command_that_loads_a_model_takes_vram_and_quantize(command):
         cmd = cmd.commands[name]
     options = {opt for param in cmd.params for opt in param.opts}
     assert {"--vram", "--quantize"} <= options
+    assert command == ("plan",) or "--verify" in options  # plan reads headers only
 
 
 def test_bad_quantize_and_vram_values(prompt, tmp_path):
@@ -180,3 +182,91 @@ def test_unknown_quantization_config(prompt, tmp_path, smol_dir):
     (model / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "hqq"}}))
     assert_one_line_error(openclaw("run", prompt, "--model", model, cache=tmp_path), "'hqq' is not supported")
     assert_one_line_error(openclaw("plan", model, "--vram", "8", cache=tmp_path), "'hqq' is not supported")
+
+
+@pytest.mark.slow
+def test_a_runaway_template_is_one_line(prompt, tmp_path, smol_dir):
+    """range(10**9) (and recursion) ended in raw tracebacks with exit code 1; test_tokenizer covers the other runaway
+    templates in-process."""
+    model = tiny_dir(tmp_path / "m", smol_dir)
+    (model / "chat_template.jinja").write_text("{% for i in range(10**9) %}x{% endfor %}")
+    r = openclaw("run", prompt, "--model", model, cache=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    loaded, error = r.stderr.strip().splitlines()  # the template runs once the model is loaded
+    assert loaded.startswith("loaded m on cpu") and error.startswith("error: the chat template") and "Range" in error
+
+
+class Pickled:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+@pytest.mark.slow
+def test_malformed_and_pickled_stats_files_are_one_line(prompt, tmp_path, smol_dir):
+    """A malformed file ended in a TypeError traceback (exit 1); one that needs code to load stays refused."""
+    torch = pytest.importorskip("torch")
+    import pickle
+
+    model = tiny_dir(tmp_path / "m", smol_dir)  # 3 layers, 4 heads of 16
+    torch.save({"metadata": {"head_dim": 16, "sampled_heads": [["a", 0]]}, "stats": {}}, tmp_path / "bad.pt")
+    with (tmp_path / "evil.pt").open("wb") as f:
+        pickle.dump({"metadata": Pickled()}, f, protocol=2)
+    for name, needle in (("bad.pt", "malformed stats file"), ("evil.pt", "not a loadable stats file")):  # 2 runs
+        r = openclaw("run", prompt, "--model", model, "--evict", "triattention", "--stats", tmp_path / name,
+                     "--kv-budget", "256", cache=tmp_path)
+        assert_one_line_error(r, name, needle)
+        assert "this ran code" not in r.stdout + r.stderr
+
+
+def _safetensors(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+@pytest.mark.parametrize("raw", [
+    struct.pack("<Q", 2**62) + b"{}",  # a header length past the file
+    _safetensors(b"{not json"),
+    _safetensors(json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [128, 64],
+                                                           "data_offsets": [0, 2**40]}}).encode()),
+    _safetensors(json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                             "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(), bytes(24)),
+    _safetensors(json.dumps({"a": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 16]}}).encode(),
+                 bytes(16)),
+])
+def test_crafted_safetensors_are_refused_with_one_line(tmp_path, raw):
+    """The loader's refusal is an OpenClawError of one line, which the CLI prints as is (exit code 2)."""
+    torch = pytest.importorskip("torch")
+    from openclaw.errors import OpenClawError
+    from openclaw.weights.loader import load_model
+
+    make_hf_model("llama", tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(raw)
+    with pytest.raises(OpenClawError, match="model.safetensors") as e:
+        load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_a_crafted_gguf_header_is_one_line_before_any_big_allocation(prompt, tmp_path):
+    head = struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 21) + b"tokenizer.ggml.tokens"
+    body = struct.pack("<IIQ", 9, 8, 2_000_000) + (struct.pack("<Q", 1) + b"a") * 2_000_000
+    (tmp_path / "claims.gguf").write_bytes(b"GGUF" + head + body)
+    assert_one_line_error(openclaw("run", prompt, "--model", tmp_path / "claims.gguf", cache=tmp_path),
+                          "claims.gguf", "2000000 elements in one array")
+
+
+@pytest.mark.slow
+def test_a_damaged_conversion_is_rebuilt_with_verify(prompt, tmp_path, smollm2_gguf):
+    """16 MiB overwritten in the middle of the converted weights gave garbage with exit 0; --verify finds the damage
+    and converts again (test_gguf_import rebuilds truncated and deleted files, found by their sizes at every load)."""
+    def run(*flags):
+        return openclaw("run", prompt, "--model", smollm2_gguf, "--temperature", "0", "--max-tokens", "8", *flags,
+                        cache=tmp_path)
+
+    first = run()
+    assert first.returncode == 0 and "Paris" in first.stdout, first.stderr
+    [weights] = (tmp_path / "gguf").glob("*/model.safetensors")
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16 * 2**20] = np.random.default_rng(0).integers(0, 256, 16 * 2**20, np.uint8).tobytes()
+    weights.write_bytes(bytes(data))
+    again = run("--verify")
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr

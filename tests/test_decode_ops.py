@@ -1,10 +1,11 @@
 """kernels/decode_ops.py and kernels/decode_attention.py against their fp32 references (Triton's interpreter on the
 CPU, the real kernels on CUDA) on tiny, odd and real Qwen3-32B / SmolLM2 shapes; and the tiny Qwen3 / Llama models
 with every op forced onto its Triton kernel, against the same models on the references, through full forwards and
-incremental decode in the pool."""
+incremental decode in the pool (GLM-4-0414 too: its partial rotary runs the same fused kernel)."""
 
 from contextlib import contextmanager
 
+import openclaw.models.glm4
 import openclaw.models.layers
 import openclaw.models.qwen3
 import pytest
@@ -89,8 +90,9 @@ def test_silu_mul(T, inter, dtype):
 
 
 def check_qk_norm_rope_kv(T: int, H: int, Hkv: int, D: int, dtype: torch.dtype, qk_norm: bool,
-                          device: str = DEV) -> None:
-    """Tokens at scattered slots of a NaN pool: written slots match the reference, every other slot stays NaN."""
+                          device: str = DEV, padded: bool = False) -> None:
+    """Tokens at scattered slots of a NaN pool: written slots match the reference, every other slot stays NaN.
+    padded: every other token has slot -1 (a padded row of a captured batch): its q is computed, its K/V go nowhere."""
     S = 2 * T + 3
     qkv = randn(T, (H + 2 * Hkv) * D, dtype=dtype, seed=5, device=device)
     qw = 1 + 0.1 * randn(D, dtype=dtype, seed=6, device=device) if qk_norm else None
@@ -99,15 +101,19 @@ def check_qk_norm_rope_kv(T: int, H: int, Hkv: int, D: int, dtype: torch.dtype, 
                 4096)  # yarn: cos / sin carry a scale != 1
     cos, sin = rope.cos_sin(torch.arange(100, 100 + 7 * T, 7, device=device), dtype)
     slots = torch.randperm(S, generator=torch.Generator().manual_seed(T))[:T].to(device)
+    if padded:
+        slots[::2] = -1
     k, v, k_ref, v_ref = (nan(S, Hkv, D, dtype=dtype, device=device) for _ in range(4))
     q = nan(T, H, D, dtype=dtype, device=device)
     qk_norm_rope_kv_triton(qkv, qw, kw, 1e-6, cos, sin, k, v, slots, H, Hkv, D, out=q)
     q_ref = qk_norm_rope_kv_ref(qkv, qw, kw, 1e-6, cos, sin, k_ref, v_ref, slots, H, Hkv, D)
     close(q, q_ref, dtype, elementwise=dtype == torch.float32)
-    close(k[slots], k_ref[slots], dtype, elementwise=dtype == torch.float32)
-    close(v[slots], v_ref[slots], dtype)
+    written = slots[slots >= 0]
+    close(k[written], k_ref[written], dtype, elementwise=dtype == torch.float32)
+    close(v[written], v_ref[written], dtype)
     untouched = torch.ones(S, dtype=torch.bool, device=device)
-    untouched[slots] = False
+    untouched[written] = False
+    assert k_ref[untouched].isnan().all() and v_ref[untouched].isnan().all(), "the reference wrote outside its slots"
     assert k[untouched].isnan().all() and v[untouched].isnan().all(), "a slot outside slot_mapping was written"
 
 
@@ -116,6 +122,12 @@ def check_qk_norm_rope_kv(T: int, H: int, Hkv: int, D: int, dtype: torch.dtype, 
 @pytest.mark.parametrize("T,H,Hkv,D", [(1, 2, 1, 16), (5, 6, 2, 24), (2, *QWEN3_32B[1:4]), (3, *SMOLLM2[1:4])])
 def test_qk_norm_rope_kv(T, H, Hkv, D, dtype, qk_norm):
     check_qk_norm_rope_kv(T, H, Hkv, D, dtype, qk_norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,H,Hkv,D", [(1, 2, 1, 16), (5, 6, 2, 24), (3, *QWEN3_32B[1:4])])
+def test_qk_norm_rope_kv_padded_rows_write_nowhere(T, H, Hkv, D, dtype):
+    check_qk_norm_rope_kv(T, H, Hkv, D, dtype, qk_norm=True, padded=True)
 
 
 def check_decode_attention(H: int, Hkv: int, D: int, lens: list[int], bound: int, dtype: torch.dtype,
@@ -177,9 +189,10 @@ def ops(fused: bool):
     """The models' kernel ops forced onto their Triton kernels (fused; Triton's interpreter on CPU tensors) or their
     references, whatever the device."""
     forced = {openclaw.models.layers: {"add_rmsnorm": (add_rmsnorm_triton, add_rmsnorm_ref),
-                                       "decode_attention": (decode_attention_triton, _decode_attention_ref)},
-              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref),
-                                      "silu_mul": (silu_mul_triton, silu_mul_ref)}}
+                                       "decode_attention": (decode_attention_triton, _decode_attention_ref),
+                                       "silu_mul": (silu_mul_triton, silu_mul_ref)},
+              openclaw.models.qwen3: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref)},
+              openclaw.models.glm4: {"qk_norm_rope_kv": (qk_norm_rope_kv_triton, qk_norm_rope_kv_ref)}}
     with pytest.MonkeyPatch.context() as mp:
         for module, names in forced.items():
             for name, (kernel, ref) in names.items():
@@ -234,7 +247,7 @@ def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+@pytest.mark.parametrize("kind", ["qwen3", "llama", "glm4"])
 def test_fused_model_matches_plain_path(kind, tmp_path):
     """fp32: the fused path equals the plain one to 1e-5. bf16 / fp16: its logits are no further from the fp32 model
     than twice the plain path's at that dtype (random tiny models amplify rounding: plain bf16 is ~1% off)."""

@@ -5,7 +5,8 @@ import torch
 from tiny_models import full_forward, make_hf_model
 
 from openclaw.config import EngineConfig, SamplingParams
-from openclaw.engine.engine import Engine
+from openclaw.engine.engine import Engine, resolve_dtype
+from openclaw.errors import OpenClawError
 from openclaw.weights.hub import resolve_model
 from openclaw.weights.loader import load_model
 
@@ -90,3 +91,114 @@ def test_generation_config_is_read_as_transformers_reads_it():
     assert sampling_defaults({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
     # a flag always wins over the config
     assert SamplingParams(temperature=0.5).with_defaults(sampling_defaults({})).temperature == 0.5
+
+
+def test_a_row_with_non_finite_logits_fails_alone(tmp_path):
+    """The bad-row contract: a sequence whose logits are not all finite gets token -1 and finishes with reason
+    "error"; the sequence beside it in the same steps decodes as it would alone."""
+    make_hf_model("llama", tmp_path)
+    engine = fp32_engine(tmp_path)
+    with torch.no_grad():
+        engine.model.model.embed_tokens.weight[77] = float("nan")  # any sequence that holds token 77 is poisoned
+    good = [5, 6, 7, 8]
+    alone = fp32_engine(tmp_path).generate([good], GREEDY)[0].output_ids
+    bad = engine.add_request([1, 77, 3], GREEDY)
+    ok = engine.add_request(good, GREEDY)
+    first = engine.step()
+    assert (bad, -1) in first and bad.finish_reason == "error" and not bad.output_ids
+    while engine.has_work():
+        engine.step()
+    assert ok.output_ids == alone and ok.finish_reason == "length"
+    assert engine.pool.allocator.num_free == engine.pool.num_slots
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+def test_cpu_float16_default_agrees_with_float32(kind, tmp_path):
+    """The CPU default dtype (float16 weights and activations; products of 4+ rows in fp32) against float32, greedy,
+    8 sequences decoding together: nearly every token equal (bf16 keeps 62-91% on these models: bench/RESULTS-cpu.md)."""
+    make_hf_model(kind, tmp_path)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 23, 40, 9, 31, 2, 17, 12)]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    out = {}
+    for dtype in ("auto", "float32"):
+        engine = Engine(tmp_path, EngineConfig(device="cpu", dtype=dtype, kv_tokens=2048, max_seqs=8))
+        out[dtype] = [s.output_ids for s in engine.generate(prompts, params)]
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float16
+    same = sum(a == b for x, y in zip(out["auto"], out["float32"]) for a, b in zip(x, y))
+    assert same >= 0.9 * 8 * 48
+def _poison(engine: Engine, bad, *, raises: Exception | None = None) -> None:
+    """Make the forward fail for sequences bad(seq) says are poisoned: raise (only when the batch holds one), or
+    give their rows NaN logits."""
+    step = engine.runner.step
+
+    def poisoned(batch, tap=None, rows=None):
+        if raises is not None and any(bad(seq) for seq, _ in batch):
+            raise raises
+        logits, seqs = step(batch, tap, rows)
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            for i, seq in enumerate(seqs):
+                if bad(seq):
+                    logits[i, 5] = float("nan")
+        return logits, seqs
+
+    engine.runner.step = poisoned
+
+
+@pytest.mark.parametrize("failure", ["nan", "exception", "openclaw_error"])
+def test_one_failing_sequence_leaves_the_rest_of_the_batch_running(failure, tmp_path):
+    make_hf_model("qwen3", tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (7, 30, 12)]
+    alone = [fp32_engine(tmp_path).generate([p], GREEDY)[0].output_ids for p in prompts]
+    engine = fp32_engine(tmp_path, max_batch_tokens=32)
+    seqs = [engine.add_request(p, GREEDY) for p in prompts]
+    for _ in range(3):  # all three are decoding together before the failure
+        engine.step()
+    bad = seqs[1]
+    before = list(bad.output_ids)
+    assert before and all(s.output_ids for s in seqs)
+    raises = {"nan": None, "exception": RuntimeError("injected"), "openclaw_error": OpenClawError("your fault")}
+    _poison(engine, lambda s: s is bad, raises=raises[failure])
+    reported = []
+    while engine.has_work():
+        reported += [(s, t) for s, t in engine.step() if s is bad]
+    assert bad.finish_reason == "error" and reported == [(bad, -1)], reported
+    assert bad.error == {"nan": "the model produced non-finite logits (NaN or inf) for this request",
+                         "exception": "the engine failed on this request (RuntimeError: injected); the server log "
+                                      "has the details",
+                         "openclaw_error": "your fault"}[failure]
+    assert bad.input_error == (failure == "openclaw_error") and bad.output_ids == before  # no token for the bad row
+    for seq, want in zip((seqs[0], seqs[2]), (alone[0], alone[2])):
+        assert seq.finish_reason == "length" and seq.output_ids == want  # untouched by their neighbour's failure
+    assert engine.pool.allocator.num_free == engine.pool.num_slots
+
+
+def test_a_prefilling_sequence_that_fails_is_reported_too(tmp_path):
+    make_hf_model("llama", tmp_path)
+    engine = fp32_engine(tmp_path, max_batch_tokens=16)
+    long, short = engine.add_request(list(range(1, 60)), GREEDY), engine.add_request([3, 4, 5], GREEDY)
+    _poison(engine, lambda s: s is long, raises=ValueError("bad chunk"))
+    first = engine.step()  # long's first chunk fails before it samples anything; short goes on
+    assert (long, -1) in first and long.finish_reason == "error" and "ValueError: bad chunk" in long.error
+    while engine.has_work():
+        engine.step()
+    assert short.finish_reason == "length" and len(short.output_ids) == GREEDY.max_tokens
+
+
+def test_stop_token_ids_min_tokens_and_ignore_eos(tmp_path):
+    make_hf_model("qwen2", tmp_path)
+    prompt = [9, 8, 7, 6]
+    free = fp32_engine(tmp_path).generate([prompt], GREEDY)[0].output_ids
+    stop = free[5]
+    params = SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[stop])
+    seq = fp32_engine(tmp_path).generate([prompt], params)[0]
+    assert seq.finish_reason == "stop" and seq.output_ids == free[:free.index(stop) + 1]
+    eos_first = Engine(tmp_path, EngineConfig(device="cpu", dtype="float32", kv_tokens=1024), extra_eos={free[0]})
+    assert eos_first.generate([prompt], SamplingParams(temperature=0, max_tokens=32))[0].output_ids == free[:1]
+    held = eos_first.generate([prompt], SamplingParams(temperature=0, max_tokens=32, min_tokens=6))[0]
+    assert len(held.output_ids) >= 7 and free[0] not in held.output_ids[:6]  # eos masked for 6 tokens
+    ignored = eos_first.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert ignored.output_ids == free[:10] and ignored.finish_reason == "length"
+    with pytest.raises(OpenClawError, match="min_tokens 40 must be in"):
+        SamplingParams(max_tokens=32, min_tokens=40)

@@ -133,11 +133,12 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
         pos = torch.arange(seq.num_computed, seq.num_computed + n, dtype=torch.float32)
         pool.k[:, rows] = torch.randn(L, n, HKV, D, generator=g)
         pool.v[:, rows] = pos[None, :, None, None]
-        tap = comp.tap([(seq, n)])
-        if tap is not None:
+        step = comp.tap([(seq, n)])
+        if step is not None:
+            record = step.bind(torch.tensor(step.rows).view(len(step.rows), n), rows, pos.long())
             for _ in range(L):
                 q = torch.randn(n, H, D, generator=g)
-                tap(q, q)
+                record(q, q)
         seq.num_computed += n
         seq.kv_len += n
         if comp.due(seq):
@@ -147,7 +148,7 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
     assert comp.evictions >= 3
     held = pool.v[:, seq.slot_base:seq.slot_base + seq.kv_len, :, 0]  # [L, kv_len, Hkv] positions
     assert (held.diff(dim=1) > 0).all(), "kept order must be temporal"
-    kept = comp.states[seq.seq_id].kept  # what the compressor believes the last compaction kept
+    kept = comp.kept[seq.seq_id]  # what the compressor believes the last compaction kept
     assert torch.equal(kept.float(), pool.v[:, seq.slot_base:seq.slot_base + cfg.budget, :, 0].transpose(1, 2))
     for p in list(range(7)) + list(range(seq.num_computed - cfg.protect_recent, seq.num_computed)):
         assert (held == p).any(1).all(), f"position {p} (pinned or protected) was evicted"

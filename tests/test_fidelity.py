@@ -67,7 +67,7 @@ def test_engine_generates_past_its_slots_and_matches_full_when_nothing_is_evicte
     seq = tight.generate([prompt], GREEDY)[0]
     assert len(seq.output_ids) == 100 and seq.capacity == 56
     assert tight.compressor.evictions == 4
-    assert tight.pool.allocator.num_free == 56 and not tight.compressor.states
+    assert tight.pool.allocator.num_free == 56 and not tight.compressor.rows and not tight.compressor.kept
 
 
 def test_engine_prefills_a_prompt_longer_than_its_slots_when_not_pinned(tiny):
@@ -157,6 +157,7 @@ def test_auto_is_full_attention_until_the_range_is_full_then_triattention_takes_
 def test_the_attention_received_comes_from_the_forward_itself(tiny):
     """BatchMeta.key_mass: prefill chunks and decode steps add, at each key's slot, the attention it received (what
     H2O accumulates and TriAttention's attention term reads), equal to the softmax of the step's queries written out."""
+    from openclaw.engine.graphs import StepTap
     from openclaw.engine.kv_pool import KVPool
     from openclaw.engine.runner import Runner
     from openclaw.engine.scheduler import Scheduler
@@ -167,20 +168,26 @@ def test_the_attention_received_comes_from_the_forward_itself(tiny):
     ids = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(5)).tolist()
     pool = KVPool(mc.num_hidden_layers, 80, mc.num_key_value_heads, mc.head_dim, torch.float32, "cpu")
     mass = torch.zeros(mc.num_hidden_layers, 80, mc.num_key_value_heads)
-    runner = Runner(model, pool, torch.device("cpu"), cuda_graphs=False, key_mass=mass)
+    runner = Runner(model, pool, torch.device("cpu"))
     seq = Sequence(ids[:50], SamplingParams(max_tokens=20, ignore_eos=True), max_len=80)
     scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=16)  # prefill in chunks of 16
     scheduler.add(seq)
     queries = [[] for _ in range(mc.num_hidden_layers)]
     calls = []
 
-    def tap(q_pre, q_post):
+    def record(q_pre, q_post):
         queries[len(calls) % mc.num_hidden_layers].append(q_post.clone())
         calls.append(1)
 
+    class Taps:
+        graphable = True
+
+        def tap(self, batch):
+            return StepTap([], [], lambda inputs, slots, positions: record, key_mass=mass)
+
     while seq.num_computed < 69:
         batch = scheduler.schedule()
-        _, seqs = runner.step(batch, tap)
+        _, seqs = runner.step(batch, Taps())
         scheduler.advance(batch)
         if seqs:
             scheduler.postprocess(seqs, [ids[seq.num_tokens]])  # teacher forcing: decode steps of single tokens

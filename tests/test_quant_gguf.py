@@ -316,7 +316,8 @@ def test_qwen3_32b_q4_k_m_weight_bytes_by_hand():
 
 def test_qwen3_32b_q4_k_m_gguf_plan_fits_24_gib_for_one_budget_2048_sequence(tmp_path, monkeypatch):
     """`openclaw plan Qwen3-32B-Q4_K_M.gguf --vram 24 --kv-budget 2048`, the header read replaced by its real tensor
-    types: 21.46 GiB of weights leave 3,269 KV tokens (256 KiB each), one sequence of budget 2048 + 128; at --vram 22
+    types: 21.46 GiB of weights leave 2,662 KV tokens (256 KiB each) beside the decode graphs, one sequence of budget
+    2048 + 128; at --vram 22
     the refusal names the numbers, the GGUF repacking's bits per weight and the AWQ model that fits."""
     import openclaw.weights.gguf_blocks
 
@@ -326,11 +327,12 @@ def test_qwen3_32b_q4_k_m_gguf_plan_fits_24_gib_for_one_budget_2048_sequence(tmp
     path.touch()
     p, name, fitting = plan_model(str(path), tmp_path, 24, 2048)
     assert p.weights == 23_047_251_968 and "gguf" in p.weight_format
-    assert p.kv_tokens == (24 * GIB - p.context - p.workspace - p.weights - p.activations) // (256 * 1024) == 3269
+    fixed = p.context + p.workspace + p.weights + p.activations + p.graphs + p.graph_overhead
+    assert p.kv_tokens == (24 * GIB - fixed) // (256 * 1024) == 2662
     assert p.seqs == 1 and p.fits()
     p, name, fitting = plan_model(str(path), tmp_path, 22, None)
     assert "Qwen3-32B" in fitting  # the AWQ checkpoint
-    with pytest.raises(OpenClawError, match=r"does not fit in 22.0 GiB: weights 21.46 GiB .*--vram 23\.5 or more"
+    with pytest.raises(OpenClawError, match=r"does not fit in 22.0 GiB: weights 21.46 GiB .*--vram 23\.6 or more"
                                             r".*Q6_K: 9 bits per weight.*AWQ.*models that fit: .*Qwen3-32B"):
         p.require(name, smaller=fitting)
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from openclaw.models import layers
 from openclaw.models.layers import BatchMeta
 from tiny_models import full_forward, make_hf_model
 
@@ -85,3 +86,21 @@ def test_prefill_then_decode_through_pool_equals_full_forward(kind, tmp_path):
             done += T
     assert done == len(ids)
     torch.testing.assert_close(torch.cat(got), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_on_a_cpu_multiplies_half_weights_in_fp32(dtype, monkeypatch):
+    """From CPU_GEMM_ROWS rows the product runs in fp32 over weight blocks (a small block forces several, the last
+    partial), rounded once: within one rounding (an eps) of the fp32 product of the same half-precision numbers; under
+    the threshold it is F.linear itself."""
+    monkeypatch.setattr(layers, "CPU_GEMM_BLOCK", 4 * 96 * 7)  # 7 rows of K = 96 per block: 37 rows in 6 blocks
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 96, generator=g).to(dtype), torch.randn(37, generator=g).to(dtype)
+    for shape in [(layers.CPU_GEMM_ROWS,), (2, 9), (41,)]:
+        x = torch.randn(*shape, 96, generator=g).to(dtype)
+        got = layers.dense(x, w, b)
+        assert got.dtype == dtype and got.shape == (*shape, 37)
+        ref = x.float() @ w.float().T + b.float()
+        assert ((got.float() - ref).abs() <= torch.finfo(dtype).eps * ref.abs() + 1e-6).all()
+    x = torch.randn(layers.CPU_GEMM_ROWS - 1, 96, generator=g).to(dtype)
+    assert torch.equal(layers.dense(x, w, b), torch.nn.functional.linear(x, w, b))

@@ -5,12 +5,10 @@ import json
 
 import pytest
 
-from openclaw.config import SamplingParams
-from openclaw.engine.sequence import Sequence
 from openclaw.llm import Delta
 from openclaw.reasoning import ThinkSplitter, prompt_opens_thinking
 from openclaw.server.openai_api import Reply
-from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls
+from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls, tool_dialect
 
 
 def split(chunks: list[str], thinking: bool = False) -> tuple[str, str]:
@@ -93,12 +91,11 @@ def test_tool_calls_are_parsed_the_same_in_every_chunking(text, content, calls):
 
 def test_reply_sends_tool_calls_in_openai_shapes():
     text = "Checking.\n" + CALL
-    seq = Sequence([1, 2, 3], SamplingParams(), max_len=64)
-    whole, stream = (Reply("chat", "m", 3, streaming, False, tools=True) for streaming in (False, True))
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    whole, stream = (Reply("chat", "m", 3, streaming, False, tools=tools) for streaming in (False, True))
     chunks = []
     for i in range(0, len(text), 7):
-        seq.token_ids.append(0)
-        d = Delta(0, text[i:i + 7], seq, "stop" if i + 7 >= len(text) else None)
+        d = Delta(0, text[i:i + 7], i // 7 + 1, "stop" if i + 7 >= len(text) else None)
         whole.add(d)
         chunks += stream.chunks(d)
     choice = whole.final()["choices"][0]
@@ -111,5 +108,71 @@ def test_reply_sends_tool_calls_in_openai_shapes():
     assert streamed["index"] == 0 and streamed["function"] == call["function"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     plain = Reply("chat", "m", 3, False, False)  # no tools in the request: the text stays text
-    plain.add(Delta(0, text, seq, "stop"))
+    plain.add(Delta(0, text, 1, "stop"))
     assert plain.final()["choices"][0]["message"] == {"role": "assistant", "content": text}
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                     "code": {"type": "string"}}}}},
+           {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+GLM45 = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key>" \
+        "<arg_value>3</arg_value></tool_call>"
+
+
+@pytest.mark.parametrize("dialect, text, content, calls", [
+    # GLM-4.7 / 4.7-Flash: one line; GLM-4.5 / 4.6 put newlines between the parts
+    ("glm45", GLM45, None, [("get_weather", {"city": "Paris", "days": 3})]),
+    ("glm45", ("Let me check.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Rome</arg_value>\n"
+              "</tool_call>"), "Let me check.", [("get_weather", {"city": "Rome"})]),
+    ("glm45", GLM45 + GLM45.replace("Paris", "Oslo"), None, [("get_weather", {"city": "Paris", "days": 3}),
+                                                          ("get_weather", {"city": "Oslo", "days": 3})]),
+    ("glm45", "<tool_call>now</tool_call>", None, [("now", {})]),
+    # a string parameter that looks like a number stays a string (the schema says so); unknown ones are JSON-read
+    ("glm45", ("<tool_call>get_weather<arg_key>code</arg_key><arg_value>007</arg_value><arg_key>x</arg_key>"
+              "<arg_value>{\"a\": [1]}</arg_value></tool_call>"), None, [("get_weather", {"code": "007",
+                                                                                    "x": {"a": [1]}})]),
+    ("glm45", "It is sunny.", "It is sunny.", []),
+    ("glm45", "<tool_call>two words<arg_key>a</arg_key></tool_call>", ("<tool_call>two words<arg_key>a</arg_key>"
+              "</tool_call>"), []),  # not a call: kept as text
+    # GLM-4-0414 / Z1: the name on its own line, then the JSON arguments
+    ("glm4", 'get_weather\n{"city": "Paris", "days": 2}', None, [("get_weather", {"city": "Paris", "days": 2})]),
+    ("glm4", "get_weather is a tool I could call.", "get_weather is a tool I could call.", []),
+    ("glm4", 'unknown_tool\n{"a": 1}', 'unknown_tool\n{"a": 1}', []),
+])
+def test_glm_tool_calls_in_every_chunking(dialect, text, content, calls):
+    got_content, got_calls = parse_tool_calls(text, dialect, WEATHER)
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got_calls] == calls
+    for chunks in chunkings(text):
+        s = ToolCallSplitter(dialect, WEATHER)
+        streamed = "".join(s.feed(c) for c in chunks)
+        rest, streamed_calls = s.finish()
+        assert (streamed + rest or None) == content, chunks
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in got_calls], chunks
+
+
+def test_tool_dialect_follows_the_chat_template():
+    assert tool_dialect("...<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key>...") == "glm45"
+    assert tool_dialect("[gMASK]<sop>{% if tools %}<|system|>...{% endif %}<|observation|>") == "glm4"
+    assert tool_dialect("<|im_start|>...<tool_call>\n{\"name\": ...}</tool_call>") == "hermes"
+    assert tool_dialect(None) == "hermes"
+
+
+def test_reply_parses_the_dialect_its_template_teaches():
+    """A GLM-4.7 answer streamed through Reply: content, then the call as OpenAI tool_calls."""
+    text = "Sure.\n" + GLM45
+    whole, stream = (Reply("chat", "m", 3, streaming, False, tools=WEATHER, dialect="glm45")
+                     for streaming in (False, True))
+    chunks = []
+    for i in range(0, len(text), 5):
+        d = Delta(0, text[i:i + 5], i // 5 + 1, "stop" if i + 5 >= len(text) else None)
+        whole.add(d)
+        chunks += stream.chunks(d)
+    message = whole.final()["choices"][0]["message"]
+    assert message["content"] == "Sure." and json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "city": "Paris", "days": 3}
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content", "") for d in deltas) == "Sure."
+    assert [tc["function"] for d in deltas for tc in d.get("tool_calls", [])] == [
+        c["function"] for c in message["tool_calls"]]

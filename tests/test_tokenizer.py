@@ -384,3 +384,47 @@ def test_stop_checker_holds_back_only_possible_prefixes():
     assert checker.feed("<|en") == ("", False)
     assert checker.feed("d|> tail") == ("", True)
     assert checker.feed("later") == ("", True) and checker.flush() == ""
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for i in range(10**9) %}x{% endfor %}", "Range too big"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "looped more than"),
+    ("{% set s = 'ab' * 50000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", "looped more than"),
+    ("{{ 'x' * 10**9 }}", "repeated 1000000000 times is too long"),
+    ("{{ 7 ** 1000000000 }}", "too large a number"),
+    ("{% for i in range(99999) %}{{ 'y' * 99999 }}{% endfor %}", "wrote more than"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
+    ("{{ cycler.__init__.__globals__.os.popen('id').read() }}", "unsafe"),
+    ("{{ messages.__class__.__base__.__subclasses__() }}", "unsafe"),
+])
+def test_runaway_and_escaping_templates_are_one_line_errors(smol_tokenizer_dir, tmp_path, template, match):
+    """range(10**9) and recursion ended in raw tracebacks; loops, repetition and output now have budgets, and the
+    sandbox keeps refusing escapes."""
+    tok = Tokenizer.from_dir(_dir_with_template(tmp_path, smol_tokenizer_dir, template))
+    with pytest.raises(OpenClawError, match=match) as e:
+        tok.render_chat([{"role": "user", "content": "x"}])
+    assert "\n" not in str(e.value) and str(e.value).startswith("the chat template of")
+
+
+def test_budgets_leave_real_templates_alone(smol_tokenizer_dir, tmp_path):
+    tok = Tokenizer.from_dir(_dir_with_template(tmp_path, smol_tokenizer_dir, QWEN3_TEMPLATE))
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 300}
+            for i in range(2000)]
+    text = tok.render_chat(long, tools=TOOLS)
+    assert text.count("<|im_start|>") == 2002 and "turn 1999" in text  # 2000 turns, the system (tools) and the prompt
+
+
+def test_a_lone_surrogate_is_a_one_line_error(smol):
+    """JSON's "\\ud800" decodes to a string the Rust tokenizer refuses with a TypeError (the server closed the
+    connection without a reply)."""
+    with pytest.raises(OpenClawError, match=r"lone surrogate \('\\ud800' at character 3\)"):
+        smol.encode("abc\ud800def")
+    assert smol.decode(smol.encode("ok \U0001f916")) == "ok \U0001f916"  # a pair in JSON is one code point
+
+
+def test_stop_checker_can_keep_the_stop_string():
+    keep = StopChecker(["END", "STOP"], keep_stop=True)
+    assert keep.feed("abc ST") == ("abc ", False)
+    assert keep.feed("OP and more") == ("STOP", True) and keep.feed("x") == ("", True)

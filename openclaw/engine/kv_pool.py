@@ -1,7 +1,9 @@
 """The one preallocated KV tensor pair and the bookkeeping of which sequence owns which slots.
 
 k, v: [L, S, Hkv, D] allocated once at start; a sequence owns one contiguous range of S for its whole life
-and its cached tokens occupy the front of that range in temporal order. Nothing here runs a model or decides
+and its cached tokens occupy the front of that range in temporal order. The widths come from the model config's
+cache_shape: an MLA model (GLM-4.7-Flash) caches its latent and RoPE key as one key [L, S, 1, 576] and no separate
+value (v has width 0: the latent is the value). Nothing here runs a model or decides
 what to evict. SlotAllocator is torch-free so the scheduler can be tested without tensors.
 """
 
@@ -51,14 +53,21 @@ class SlotAllocator:
 
 
 class KVPool:
-    """k, v: [L, S, Hkv, D] for all layers and all sequences, plus the slot allocator."""
+    """k: [L, S, Hkv, D], v: [L, S, Hkv, Dv] (Dv = D unless given) for all layers and all sequences, plus the slot
+    allocator."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, v_dim: int | None = None):
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape[:3], head_dim if v_dim is None else v_dim, dtype=dtype, device=device)
         self.allocator = SlotAllocator(num_slots)
+
+    @classmethod
+    def for_config(cls, cfg, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> "KVPool":
+        """The pool of a model of family config `cfg` (its cache_shape: KV heads, key width, value width)."""
+        heads, k_dim, v_dim = cfg.cache_shape()
+        return cls(cfg.num_hidden_layers, num_slots, heads, k_dim, dtype, device, v_dim)
 
     @property
     def num_slots(self) -> int:

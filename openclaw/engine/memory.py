@@ -1,5 +1,6 @@
 """The VRAM plan of DESIGN.md ("Memory: the hard cap"): weights + CUDA context + workspace + prefill activations +
-KV pool = the cap, so the pool's size in tokens, and how many sequences of an eviction budget fit, follow.
+decode graphs + eviction state + KV pool = the cap, so the pool's size in tokens, and how many sequences of an
+eviction budget fit, follow.
 
 Computed before anything is loaded, from the family's config dataclass (config.json or a manifest entry's config) and
 openclaw.weights.sizes's weight bytes; it also decides what --quantize auto loads (NF4 only when full precision does
@@ -11,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from openclaw.config import EvictionConfig
+from openclaw.engine.graphs import batch_buckets, len_buckets
 from openclaw.errors import OpenClawError
-from openclaw.kernels.qlinear import DEQUANT_CHUNK_BYTES, QuantWeight
+from openclaw.kernels.decode_attention import WAVES
+from openclaw.kernels.qlinear import QuantWeight
 from openclaw.weights.checkpoint import parse_config, read_config, read_json
 from openclaw.weights.hub import hub_dir, load_manifest, load_quantize, manifest_entry
 from openclaw.weights.layout import FORMAT_LAYOUTS, NF4
@@ -21,16 +25,56 @@ from openclaw.weights.sizes import checkpoint_weight_bytes, gguf_weight_bytes, w
 GIB = 1 << 30
 MIB = 1 << 20
 CONTEXT_ESTIMATE = 600 * MIB  # CUDA context when it cannot be measured (planning on a machine without the GPU)
-WORKSPACE = 512 * MIB  # cuBLAS / Triton workspaces, autotuning (do_bench's 256 MiB buffer), CUDA graphs, slack
+WORKSPACE = 512 * MIB  # cuBLAS / Triton workspaces, autotuning (do_bench's 256 MiB buffer), slack
+# driver memory of one captured decode graph (its kernel nodes and their parameters), outside PyTorch's allocator: an
+# upper estimate until the GPU run measures it (bench/gpu_decode.py prints the measured bytes per graph)
+GRAPH_OVERHEAD = 4 * MIB
+MAX_SMS = 160  # the partition count of decode attention grows with the SMs; more than any card this plans for has
 
 
 def activation_bytes(cfg, dtype_bytes: int, max_batch_tokens: int, max_seqs: int) -> int:
     """The largest prefill chunk's transient tensors at the full context (the family config's activation_bytes; x2 for
-    allocator fragmentation there), the prefill dequantization workspace and the sampled rows' fp32 logits (x4 for
-    the sampler's copies)."""
-    logits = 4 * max_seqs * cfg.vocab_size * 4
-    step = cfg.activation_bytes(max_batch_tokens, cfg.max_position_embeddings, dtype_bytes)
-    return step + DEQUANT_CHUNK_BYTES + logits
+    allocator fragmentation there) and the sampled rows' fp32 logits (x4 for the sampler's copies), plus the
+    sampler's bitmap of penalized sequences' tokens."""
+    logits = 4 * max_seqs * cfg.vocab_size * 4 + (max_seqs + 1) * cfg.vocab_size
+    return cfg.activation_bytes(max_batch_tokens, cfg.max_position_embeddings, dtype_bytes) + logits
+
+
+def graph_bytes(cfg, dtype_bytes: int, max_seqs: int) -> tuple[int, int]:
+    """(bytes in PyTorch's allocator, driver bytes) of the batched decode graphs (openclaw.engine.graphs) at their
+    bound: the shared logits buffer; the one memory pool, which holds the largest step's transients (a step of
+    max_seqs rows: activations, logits, decode attention's partials); and each graph's own driver memory."""
+    rows, vocab = max_seqs, cfg.vocab_size
+    heads, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    partitions = WAVES * MAX_SMS // hkv + rows  # rows x partitions at most (kernels/decode_attention.num_partitions)
+    step = (cfg.activation_bytes(rows, 0, dtype_bytes) + rows * vocab * (dtype_bytes + 4)
+            + partitions * (heads // hkv) * hkv * (cfg.head_dim + 2) * 4)
+    graphs = len(batch_buckets(max_seqs)) * len(len_buckets(cfg.max_position_embeddings))
+    return rows * vocab * 4 + step, graphs * GRAPH_OVERHEAD
+
+
+def eviction_bytes(cfg, evict: EvictionConfig | None, max_seqs: int, dtype_bytes: int) -> int:
+    """What the compressor keeps on the device for max_seqs sequences (openclaw.evict.compressor) besides the
+    attention it accumulates per pool slot (mass_bytes_per_token): SnapKV / R-KV's query ring, online TriAttention
+    sums."""
+    if evict is None or not evict.evicts:
+        return 0
+    layers, heads, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    if evict.scorer in ("snapkv", "rkv"):
+        return (max_seqs + 1) * layers * evict.window * heads * d * dtype_bytes
+    if evict.online:
+        return 3 * layers * heads * (d // 2) * 8
+    return 0
+
+
+def mass_bytes_per_token(cfg, evict: EvictionConfig | None) -> int:
+    """The compressor's attention accumulator per pool slot (fp32 per layer and KV head: h2o, and TriAttention's
+    attention term), which grows with the pool like its K/V."""
+    if evict is None or not evict.evicts:
+        return 0
+    if evict.scorer == "h2o" or (evict.scorer == "triattention" and evict.tri_mass > 0):
+        return cfg.num_hidden_layers * cfg.cache_shape()[0] * 4
+    return 0
 
 
 @dataclass
@@ -43,6 +87,9 @@ class Plan:
     weights: int
     activations: int
     kv_bytes_per_token: int
+    graphs: int = 0  # the batched decode graphs' buffer and memory pool (PyTorch's allocator)
+    graph_overhead: int = 0  # the graphs' own driver memory (outside PyTorch's allocator)
+    eviction: int = 0  # the compressor's device state (query ring, attention sums, statistics)
     kv_budget: int | None = None  # the eviction budget B each sequence keeps
     divide_length: int = 128
     weight_format: str = ""  # how the weights are held, for the printed plan
@@ -50,7 +97,8 @@ class Plan:
 
     @property
     def kv_pool(self) -> int:
-        return self.cap - self.context - self.workspace - self.weights - self.activations
+        return (self.cap - self.context - self.workspace - self.weights - self.activations - self.graphs
+                - self.graph_overhead - self.eviction)
 
     @property
     def kv_tokens(self) -> int:
@@ -72,8 +120,10 @@ class Plan:
         rows = [("cap (--vram)", gib(self.cap)), ("CUDA context", gib(self.context)),
                 ("workspace", gib(self.workspace)), ("weights", f"{gib(self.weights)} ({self.weights:,} bytes)"),
                 *([("weight format", self.weight_format)] if self.weight_format else []),
-                ("activations (largest prefill chunk)", gib(self.activations)), ("KV pool", gib(self.kv_pool) if self.kv_pool >= 0
-                                                                 else f"none ({gib(-self.kv_pool)} short)"),
+                ("activations (largest prefill chunk)", gib(self.activations)),
+                ("decode graphs (memory pool + driver)", gib(self.graphs + self.graph_overhead)),
+                *([("eviction state", gib(self.eviction))] if self.eviction else []),
+                ("KV pool", gib(self.kv_pool) if self.kv_pool >= 0 else f"none ({gib(-self.kv_pool)} short)"),
                 ("KV per token", f"{self.kv_bytes_per_token / 1024:.0f} KiB"), ("KV tokens", f"{self.kv_tokens:,}")]
         if self.kv_budget is not None:
             rows.append((f"sequences at budget {self.kv_budget} (+{self.divide_length} slots each)", str(self.seqs)))
@@ -86,10 +136,11 @@ class Plan:
         if self.fits(kv_tokens):
             return
         need = self.need(kv_tokens)
-        fixed = self.context + self.workspace + self.activations
+        fixed = self.context + self.workspace + self.activations + self.graphs + self.graph_overhead + self.eviction
         lacking = need * self.kv_bytes_per_token - self.kv_pool
         msg = (f"{name} does not fit in {self.cap / GIB:.1f} GiB: weights {self.weights / GIB:.2f} GiB + context, "
-               f"workspace and activations {fixed / GIB:.2f} GiB leave {max(self.kv_pool, 0) / GIB:.2f} GiB "
+               f"workspace, activations and decode graphs {fixed / GIB:.2f} GiB leave "
+               f"{max(self.kv_pool, 0) / GIB:.2f} GiB "
                f"for the KV cache ({self.kv_tokens} tokens) but {need} tokens need "
                f"{need * self.kv_bytes_per_token / GIB:.2f} GiB; it needs --vram "
                f"{(self.cap + lacking) / GIB:.1f} or more")
@@ -108,11 +159,14 @@ class Plan:
 
 def plan(cfg, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dtype_bytes: int = 2,
          max_batch_tokens: int = 512, max_seqs: int = 16, kv_budget: int | None = None,
-         divide_length: int = 128) -> Plan:
-    """The plan for a model of config `cfg` (a family config dataclass) whose weights take `weights` bytes."""
+         divide_length: int = 128, evict: EvictionConfig | None = None, cuda_graphs: bool = True) -> Plan:
+    """The plan for a model of config `cfg` (a family config dataclass) whose weights take `weights` bytes; evict:
+    the eviction policy whose device state to count."""
+    graphs, overhead = graph_bytes(cfg, dtype_bytes, max_seqs) if cuda_graphs else (0, 0)
     return Plan(cap=cap, context=context, workspace=WORKSPACE, weights=weights,
                 activations=activation_bytes(cfg, dtype_bytes, max_batch_tokens, max_seqs),
-                kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes), kv_budget=kv_budget,
+                kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes) + mass_bytes_per_token(cfg, evict), graphs=graphs, graph_overhead=overhead,
+                eviction=eviction_bytes(cfg, evict, max_seqs, dtype_bytes), kv_budget=kv_budget,
                 divide_length=divide_length)
 
 
@@ -148,6 +202,8 @@ def weight_plan(raw: dict, weights_at: Callable[[bool], int], make: Callable[[in
         p = make(weights_at(False))
         method = str(qc.get("quant_method", "?")).lower()
         p.weight_format = f"{method}, as stored" + (" (GGUF blocks repacked)" if method == "gguf" else "")
+        if method == "random":
+            p.weight_format = f"random, in {qc.get('format', '?')}'s layout (openclaw bench --random-weights)"
         p.hint = GGUF_HINT if method == "gguf" else ""
         return p, False
     full = make(weights_at(False))
@@ -166,7 +222,8 @@ def weight_plan(raw: dict, weights_at: Callable[[bool], int], make: Callable[[in
 
 def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_batch_tokens: int, max_seqs: int,
              kv_budget: int | None, divide_length: int, kv_tokens: int | None,
-             quantize: str = "auto") -> tuple[Plan, bool]:
+             quantize: str = "auto", evict: EvictionConfig | None = None,
+             cuda_graphs: bool = True) -> tuple[Plan, bool]:
     """(the plan on this CUDA device, whether to quantize to NF4 while loading), with the context measured
     (whatever is on the card before our first allocation); refuses (OpenClawError) what does not fit, before
     anything is loaded."""
@@ -174,7 +231,8 @@ def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_
     _, cfg, raw = read_config(model_dir)
 
     def make(weights: int) -> Plan:
-        return plan(cfg, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length)
+        return plan(cfg, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length,
+                    evict, cuda_graphs)
 
     p, nf4 = weight_plan(raw, lambda q: checkpoint_weight_bytes(model_dir, dtype.itemsize, q), make, quantize,
                          kv_tokens)
@@ -195,7 +253,7 @@ def _card(device, vram: float | None) -> tuple[int, int]:
 
 
 def cap_allocator(p: Plan, device) -> None:
-    """Enforce the cap: PyTorch's allocator may hold at most cap - context on the device."""
+    """Enforce the cap: PyTorch's allocator may hold at most cap - context - the graphs' driver memory."""
     import torch
 
     # growable segments instead of fixed ones: the load's conversion temporaries otherwise strand ~2 GiB of
@@ -205,7 +263,7 @@ def cap_allocator(p: Plan, device) -> None:
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
     total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (p.cap - p.context) / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (p.cap - p.context - p.graph_overhead) / total), index)
 
 
 def plan_model(spec: str, cache_dir: Path, vram: float | None, kv_budget: int | None, max_seqs: int = 16,

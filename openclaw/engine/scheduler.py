@@ -69,15 +69,24 @@ class Scheduler:
         if seq.first_eviction is None:
             seq.first_eviction = seq.num_computed
 
-    def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
-        """Append each sampled token; finish sequences that hit eos or their length. Returns the finished ones."""
+    def postprocess(self, seqs: list[Sequence], tokens: list[int], bad_row: str = "non-finite logits") -> list[Sequence]:
+        """Append each sampled token; finish sequences that hit eos, a stop token or their length. A token of -1 (the
+        sampler's mark for a row whose logits were not finite) fails that sequence alone, with bad_row as its error.
+        Returns the finished ones."""
         done = []
         for seq, token in zip(seqs, tokens, strict=True):
-            seq.token_ids.append(token)
-            if token in self.eos_ids and not seq.params.ignore_eos:
-                self.finish(seq, "stop")
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= seq.max_len:
-                self.finish(seq, "length")
+            p = seq.params
+            if seq.finished:  # failed while the step ran (Engine.fail): nothing to append
+                continue
+            if token < 0:
+                self.fail(seq, bad_row)
+            else:
+                seq.token_ids.append(token)
+                stops = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+                if stops and len(seq.output_ids) > p.min_tokens:
+                    self.finish(seq, "stop")
+                elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+                    self.finish(seq, "length")
             if seq.finished:
                 done.append(seq)
         return done
@@ -91,6 +100,11 @@ class Scheduler:
             return False
         seq.token_ids.extend(token_ids)
         return True
+
+    def fail(self, seq: Sequence, message: str, input_error: bool = False) -> None:
+        """End seq with finish_reason "error" and a message for its client; the other sequences go on."""
+        seq.error, seq.input_error = message, input_error
+        self.finish(seq, "error")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

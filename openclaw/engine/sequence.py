@@ -30,7 +30,9 @@ class Sequence:
     kv_len: int = 0  # pool slots in use (equals num_computed until something is evicted)
     slot_base: int | None = None
     capacity: int = 0  # slots owned in the pool
-    finish_reason: str | None = None  # "stop" (eos or stop string), "length", "abort"
+    finish_reason: str | None = None  # "stop" (eos, a stop token or string), "length", "abort", "error"
+    error: str | None = None  # finish_reason "error": what went wrong, in words the client may read
+    input_error: bool = False  # the error is the request's own (an OpenClawError), not the engine's
     kv_budget: int | None = None  # with eviction: cached tokens kept after each compression
     divide_length: int = 128  # with eviction: compress when the cache reaches kv_budget + divide_length
     pinned: int = 0  # leading tokens eviction never drops (the prompt, when pinned)

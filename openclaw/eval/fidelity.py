@@ -65,14 +65,15 @@ class ForcedRun:
         norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
         device, dtype = norm.device, norm.dtype
         self.ids, self.start = ids, start
-        cfg = cfg.for_range(cfg.budget + cfg.divide_length) if cfg.evicts else cfg
+        # the run's KV range: budget + divide_length, or (auto without a budget) the whole run, as in the engine
+        cfg = cfg.for_range(len(ids) if cfg.budget is None else cfg.budget + cfg.divide_length) if cfg.evicts else cfg
         self.seq = Sequence(list(ids), SamplingParams(max_tokens=1), max_len=len(ids), prompt_len=prompt_len,
                             kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length,
                             pinned=prompt_len if cfg.evicts and cfg.pin_prompt else 0)
-        pool = KVPool(mc.num_hidden_layers, self.seq.slots_needed(), mc.num_key_value_heads, mc.head_dim, dtype, device)
-        self.compressor = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats,
-                                     online.copy() if online is not None else None)
-        self.runner = Runner(model, pool, device, cuda_graphs=False, key_mass=self.compressor.mass)
+        pool = KVPool.for_config(mc, self.seq.slots_needed(), dtype, device)
+        self.compressor = Compressor(cfg, pool, mc.num_attention_heads, model.bands.omega, stats, model.bands,
+                                     online=online.copy() if online is not None else None)
+        self.runner = Runner(model, pool, device)
         self.scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=chunk)
         self.scheduler.add(self.seq)
 
@@ -93,7 +94,7 @@ class ForcedRun:
         s, n = seq.num_computed, batch[0][1]
         first = max(s, self.start)
         rows = list(range(first - s, max(first - s, min(s + n, len(self.ids) - 1) - s)))
-        logits, _ = self.runner.step(batch, self.compressor.tap(batch), rows=rows)
+        logits, _ = self.runner.step(batch, self.compressor, rows=rows)
         self.scheduler.advance(batch)
         if self.compressor.due(seq):
             self.compressor.evict(seq)

@@ -82,15 +82,16 @@ class GreedyRun:
         mc = model.config
         norm = model.model.norm.weight
         device, dtype = norm.device, norm.dtype
-        cfg = cfg.for_range(cfg.budget + cfg.divide_length) if cfg.evicts else cfg
+        # the run's KV range: budget + divide_length, or (auto without a budget) the whole run, as in the engine
+        cfg = cfg.for_range(len(prompt) + tokens if cfg.budget is None else cfg.budget + cfg.divide_length) if cfg.evicts else cfg
         params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         self.seq = Sequence(list(prompt), params, max_len=len(prompt) + tokens,
                             kv_budget=cfg.budget if cfg.evicts else None, divide_length=cfg.divide_length,
                             pinned=len(prompt) if cfg.evicts and cfg.pin_prompt else 0)
-        pool = KVPool(mc.num_hidden_layers, self.seq.slots_needed(), mc.num_key_value_heads, mc.head_dim, dtype, device)
-        self.compressor = Compressor(cfg, pool, mc.num_attention_heads, model.rope.inv_freq, stats,
-                                     online.copy() if online is not None else None)
-        self.runner = Runner(model, pool, device, cuda_graphs=False, key_mass=self.compressor.mass)
+        pool = KVPool.for_config(mc, self.seq.slots_needed(), dtype, device)
+        self.compressor = Compressor(cfg, pool, mc.num_attention_heads, model.bands.omega, stats, model.bands,
+                                     online=online.copy() if online is not None else None)
+        self.runner = Runner(model, pool, device)
         self.scheduler = Scheduler(pool.allocator, max_seqs=1, max_batch_tokens=cfg.divide_length)
         self.scheduler.add(self.seq)
 
@@ -99,7 +100,7 @@ class GreedyRun:
         """Run steps until one samples; its greedy token (None once the sequence has all its tokens)."""
         while not self.seq.finished:
             batch = self.scheduler.schedule()
-            logits, seqs = self.runner.step(batch, self.compressor.tap(batch))
+            logits, seqs = self.runner.step(batch, self.compressor)
             self.scheduler.advance(batch)
             if self.compressor.due(self.seq):
                 self.compressor.evict(self.seq)

@@ -2,8 +2,9 @@
 the concentration report (TRIATTENTION.md sections 1 and 2).
 
 Calibration runs the tokens through the engine's scheduler and runner in independent contexts and sums the queries
-the tap sees (openclaw.evict.query_stats). It does not write files (stats_file.py, query_stats.py) or generate
-traces (openclaw.eval.traces).
+its taps see into a QueryStats (openclaw.evict.query_stats: fp64, device ops only, in the model's band layout). It
+does not write files (stats_file.py, query_stats.py), generate traces (openclaw.eval.traces), score or evict
+(openclaw.evict.evictor).
 """
 
 from dataclasses import dataclass
@@ -11,25 +12,47 @@ from dataclasses import dataclass
 import torch
 
 from openclaw.config import SamplingParams
+from openclaw.engine.graphs import StepTap
 from openclaw.engine.kv_pool import KVPool
 from openclaw.engine.runner import Runner
 from openclaw.engine.scheduler import Scheduler
 from openclaw.engine.sequence import Sequence
 from openclaw.evict.evictor import TriStats
-from openclaw.evict.query_stats import QueryStats, StatsTap
+from openclaw.evict.query_stats import QueryStats
+
+
+class StatsTaps:
+    """Runner taps (openclaw.engine.runner.Taps) that feed every layer's pre-RoPE queries to a QueryStats."""
+
+    graphable = True
+
+    def __init__(self, stats: QueryStats, num_layers: int):
+        self.stats, self.num_layers = stats, num_layers
+
+    def tap(self, batch: list[tuple[Sequence, int]]) -> StepTap:
+        self.stats.tokens += sum(n for _, n in batch)
+        return StepTap([], [], self._bind)
+
+    def _bind(self, inputs: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor):
+        calls = iter(range(1 << 62))
+
+        def record(q_pre: torch.Tensor, q_post: torch.Tensor) -> None:
+            self.stats.add(next(calls) % self.num_layers, q_pre, slots)
+
+        return record
 
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
     engine's scheduler and runner; accumulate pre-RoPE query stats."""
-    cfg = model.config
+    cfg, bands = model.config, model.bands
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
-    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim)
-    tap = StatsTap(stats, cfg.num_hidden_layers)
-    pool = KVPool(cfg.num_hidden_layers, context, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-    runner = Runner(model, pool, device, cuda_graphs=False)
+    stats = QueryStats(cfg.num_hidden_layers, cfg.num_attention_heads, bands.width, device, blocks=bands.blocks)
+    taps = StatsTaps(stats, cfg.num_hidden_layers)
+    pool = KVPool.for_config(cfg, context, dtype, device)
+    runner = Runner(model, pool, device)
     for start in range(0, len(ids), context):
         window = ids[start:start + context]
         seq = Sequence(window, SamplingParams(max_tokens=1), max_len=len(window))
@@ -37,7 +60,7 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
         scheduler.add(seq)
         while seq.num_computed < len(window):
             batch = scheduler.schedule()
-            runner.step(batch, tap, rows=[])
+            runner.step(batch, taps, rows=[])
             scheduler.advance(batch)
         scheduler.finish(seq, "length")
     return stats

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from openclaw.config import EvictionConfig
+from openclaw.evict.bands import Blocks, tri_score_blocks
 from openclaw.evict.triattention import head_z, per_head, per_layer, union, zscore
 from openclaw.kernels.tri_score import tri_score
 
@@ -44,8 +45,10 @@ class TriStats:
 class EvictInputs:
     """What one eviction of one sequence sees. keys: [L, n, Hkv, D] post-RoPE (may be a view of the pool);
     queries: [L, W, H, D] post-RoPE queries of the last W tokens (snapkv, rkv); attention: [L, Hkv, n] attention
-    received so far (h2o); stats (triattention); t: the next token's absolute position; pinned: how many tokens at the
-    front of the cache are never evicted (the pinned prompt)."""
+    received so far (h2o, TriAttention's attention term); stats (triattention); t: the next token's absolute position;
+    pinned: how many tokens at the front of the cache are never evicted (the pinned prompt); positions: [L, Hkv, n]
+    the absolute position of each cached entry. scale: the model's softmax scale (None: D^-0.5); blocks: the RoPE
+    blocks of a key (models/layers.BandLayout; None: one half-layout block), several for MLA's [latent | RoPE key]."""
 
     keys: torch.Tensor
     t: int
@@ -53,7 +56,9 @@ class EvictInputs:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     stats: TriStats | None = None
-    positions: torch.Tensor | None = None  # [L, Hkv, n] absolute position of each cached entry
+    positions: torch.Tensor | None = None
+    scale: float | None = None
+    blocks: Blocks | None = None
 
 
 def kept_ends(cfg: EvictionConfig, n: int, pinned: int) -> tuple[int, int]:
@@ -92,6 +97,8 @@ def triattention_scores(inp: EvictInputs, cfg: EvictionConfig) -> torch.Tensor:
     A_f + |mu_f| passed as A_f."""
     s = inp.stats
     a_mean = s.a_mean + torch.sqrt(s.mu_re ** 2 + s.mu_im ** 2) if cfg.disable_mlr else s.a_mean
+    if inp.blocks is not None and len(inp.blocks) > 1:  # MLA: openclaw/evict/bands.py
+        return tri_score_blocks(inp.keys, s.mu_re, s.mu_im, a_mean, s.omega, inp.t, inp.blocks, cfg.tri_terms)
     return tri_score(inp.keys, s.mu_re, s.mu_im, a_mean, s.omega, inp.t, terms=cfg.tri_terms)
 
 
@@ -115,14 +122,14 @@ def triattention_keep(cfg: EvictionConfig, inp: EvictInputs, front: int, back: i
     return select(shared, n, front, back, cfg.budget)[None].expand(L, -1, -1).contiguous()
 
 
-def window_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Softmax attention [L, Hkv, G, W, n] (fp32) of the last W queries [L, W, H, D] to keys [L, n, Hkv, D]; query
-    w sits at slot n - W + w and sees slots up to itself, as it did in the forward."""
+def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention [L, Hkv, G, W, n] (fp32) of the last W queries [L, W, H, D] to keys [L, n, Hkv, D] at the
+    model's scale (default D^-0.5); query w sits at slot n - W + w and sees slots up to itself, as in the forward."""
     L, W, H, D = queries.shape
     n, hkv = keys.shape[1], keys.shape[2]
     q = queries.float().view(L, W, hkv, H // hkv, D).permute(0, 2, 3, 1, 4)  # [L, Hkv, G, W, D]
     k = keys.float().permute(0, 2, 1, 3)[:, :, None]  # [L, Hkv, 1, n, D]
-    logits = (q @ k.transpose(-1, -2)) * D ** -0.5
+    logits = (q @ k.transpose(-1, -2)) * (D ** -0.5 if scale is None else scale)
     future = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - W, n, device=keys.device)[:, None]
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
@@ -135,7 +142,7 @@ def _pool(x: torch.Tensor, kernel: int) -> torch.Tensor:
 
 def snapkv_scores(inp: EvictInputs, cfg: EvictionConfig) -> torch.Tensor:
     """Attention of the last W queries summed over the window, max over the GQA group, max-pooled: [L, Hkv, n]."""
-    return _pool(window_attention(inp.queries, inp.keys).sum(3).amax(2), cfg.pool_kernel)
+    return _pool(window_attention(inp.queries, inp.keys, inp.scale).sum(3).amax(2), cfg.pool_kernel)
 
 
 def redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -158,7 +165,7 @@ def redundancy(keys: torch.Tensor, threshold: float) -> torch.Tensor:
 def rkv_scores(inp: EvictInputs, cfg: EvictionConfig) -> torch.Tensor:
     """lambda * importance (window attention averaged over the window, max over the group, pooled)
     - (1 - lambda) * redundancy: [L, Hkv, n]."""
-    importance = _pool(window_attention(inp.queries, inp.keys).mean(3).amax(2), cfg.pool_kernel)
+    importance = _pool(window_attention(inp.queries, inp.keys, inp.scale).mean(3).amax(2), cfg.pool_kernel)
     red = torch.stack([redundancy(inp.keys[layer], cfg.rkv_threshold) for layer in range(inp.keys.shape[0])])
     return cfg.rkv_lambda * importance - (1 - cfg.rkv_lambda) * red
 

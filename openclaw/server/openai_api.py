@@ -1,9 +1,12 @@
 """The OpenAI wire format for the server: request bodies -> validated Requests, Deltas -> responses and chunks.
 
 Anything a client can get wrong becomes an ApiError (a 4xx status and OpenAI's error body), never an exception
-from deeper down. No HTTP and no threads here (server.py). `tools` reach the chat template and <tool_call> blocks
-in the answer come back as `tool_calls` (tool_calls.py); tool_choice "none" leaves the tools out, any other
-tool_choice is taken as "auto" (nothing forces a call).
+from deeper down. No HTTP and no threads here (server.py). `tools` reach the chat template and the calls in the
+answer, in the format that template teaches (Hermes <tool_call> JSON, GLM's), come back as `tool_calls`
+(tool_calls.py); tool_choice "none" leaves the tools out, any other tool_choice is taken as "auto" (nothing forces
+a call). vLLM's extras (ignore_eos, min_tokens, stop_token_ids, skip_special_tokens, include_stop_str_in_output)
+are honoured. A request that fails while decoding ends with finish_reason "error": a 4xx (its own fault) or 500
+body, or in a stream a last chunk and an error event.
 """
 
 import json
@@ -11,10 +14,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from openclaw.config import SamplingParams
+from openclaw.config import SamplingParams, ServerConfig
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
-from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls
+from openclaw.server.tool_calls import ToolCallSplitter, parse_tool_calls, tool_dialect
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -36,6 +39,7 @@ class Api:
     llm: LLM
     model_name: str
     max_tokens: int  # when a request gives none (capped by the context left after the prompt)
+    limits: ServerConfig = field(default_factory=ServerConfig)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model_card(self) -> dict:
@@ -62,6 +66,24 @@ def _number(body: dict, name: str, kind: type, lo: float | None = None, hi: floa
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ApiError(400, f"\"{name}\" {value} must be in [{lo}, {hi}]", param=name)
     return kind(value)
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"\"{name}\" must be true or false, not {value!r}", param=name)
+    return value
+
+
+def _token_ids(api: Api, body: dict, name: str) -> list[int]:
+    ids = body.get(name) or []
+    vocab = api.llm.tokenizer.vocab_size
+    if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                          for t in ids)):
+        raise ApiError(400, f"\"{name}\" must be a list of token ids in [0, {vocab})", param=name)
+    return ids
 
 
 def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
@@ -94,6 +116,10 @@ def _sampling(api: Api, body: dict, prompt_tokens: int) -> SamplingParams:
             top_k=_number(body, "top_k", int), min_p=_number(body, "min_p", float),
             repetition_penalty=_number(body, "repetition_penalty", float), seed=_number(body, "seed", int),
             max_tokens=max_tokens or _default_max_tokens(api, prompt_tokens), stop=stop,
+            ignore_eos=_flag(body, "ignore_eos", False), min_tokens=_number(body, "min_tokens", int, 0) or 0,
+            stop_token_ids=_token_ids(api, body, "stop_token_ids"),
+            skip_special_tokens=_flag(body, "skip_special_tokens", True),
+            include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
         )
     except OpenClawError as e:
         raise ApiError(400, str(e)) from None
@@ -115,10 +141,12 @@ def _text_content(content, where: str) -> str | None:
     raise ApiError(400, f"{where}: content must be a string or a list of text parts", param="messages")
 
 
-def _messages(body: dict) -> list[dict]:
+def _messages(body: dict, limit: int) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "\"messages\" must be a non-empty list", param="messages")
+    if len(messages) > limit:  # before any is read: 900k tiny messages once took 22 s to refuse
+        raise ApiError(400, f"{len(messages)} messages are over this server's limit of {limit}", param="messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -170,7 +198,7 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 
 def parse_chat(api: Api, body: dict) -> tuple[Request, "Reply"]:
     _check_model(api, body)
-    messages = _messages(body)
+    messages = _messages(body, api.limits.max_messages)
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ApiError(400, "\"chat_template_kwargs\" must be an object", param="chat_template_kwargs")
@@ -184,7 +212,8 @@ def parse_chat(api: Api, body: dict) -> tuple[Request, "Reply"]:
     except OpenClawError as e:  # the chat template refused this conversation
         raise ApiError(400, str(e), param="messages") from None
     request = Request(probe.prompt_ids, _sampling(api, body, len(probe.prompt_ids)), probe.thinking, budget)
-    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body), tools=bool(tools))
+    return request, Reply("chat", api.model_name, len(request.prompt_ids), *_stream_flags(body), tools=tools,
+                          dialect=tool_dialect(api.llm.tokenizer.chat_template))
 
 
 def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
@@ -193,7 +222,10 @@ def parse_completion(api: Api, body: dict) -> tuple[Request, "Reply"]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        ids = api.llm.tokenizer.encode(prompt, add_special_tokens=True)
+        try:
+            ids = api.llm.tokenizer.encode(prompt, add_special_tokens=True)
+        except OpenClawError as e:  # not valid Unicode
+            raise ApiError(400, f"\"prompt\": {e}", param="prompt") from None
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = prompt
         if max(ids) >= api.llm.tokenizer.vocab_size or min(ids) < 0:
@@ -209,9 +241,10 @@ class Reply:
     """One request's answer in OpenAI's shapes: chunks as deltas arrive (stream) or one body at the end."""
 
     def __init__(self, kind: str, model: str, prompt_tokens: int, stream: bool, include_usage: bool,
-                 tools: bool = False):
+                 tools: list[dict] | None = None, dialect: str = "hermes"):
         self.kind, self.model, self.prompt_tokens = kind, model, prompt_tokens
-        self.tools = ToolCallSplitter() if tools else None  # parse <tool_call> blocks out of the answer
+        self.tool_list, self.dialect = tools, dialect  # the request's tools; the format the chat template teaches
+        self.tools = ToolCallSplitter(dialect, tools) if tools else None  # parse the calls out of the answer
         self.stream, self.include_usage = stream, include_usage
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -232,13 +265,21 @@ class Reply:
     def add(self, d: Delta) -> None:
         self.text += d.text
         self.reasoning += d.reasoning
-        self.completion_tokens = len(d.seq.output_ids)
+        self.completion_tokens = d.completion_tokens
         if d.finish_reason:
-            self.finish_reason = "length" if d.finish_reason == "length" else "stop"
+            self.finish_reason = d.finish_reason if d.finish_reason in ("length", "error") else "stop"
+
+    @staticmethod
+    def error(d: Delta) -> ApiError:
+        """What a request that failed while decoding (finish_reason "error") answers."""
+        if d.input_error:  # an OpenClawError: the request's own fault, said as it is
+            return ApiError(400, d.error or "the request failed")
+        return ApiError(500, d.error or "the request failed", kind="server_error")
 
     def final(self) -> dict:
         if self.kind == "chat":
-            content, calls = parse_tool_calls(self.text) if self.tools else (self.text, [])
+            content, calls = (parse_tool_calls(self.text, self.dialect, self.tool_list) if self.tools
+                              else (self.text, []))
             message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
             finish = "tool_calls" if calls and self.finish_reason == "stop" else self.finish_reason
             if self.reasoning:
@@ -264,6 +305,8 @@ class Reply:
         text = self.tools.feed(d.text) if self.tools else d.text
         delta = {k: v for k, v in (("reasoning_content", d.reasoning), ("content", text)) if v}
         out = [self._chunk(delta)] if delta else []
+        if d.finish_reason == "error":  # the last chunk says so, then an error event (the openai client raises it)
+            return [*out, self._chunk({}, "error"), self.error(d).body()]
         if d.finish_reason:
             finish = self.finish_reason
             if self.tools:

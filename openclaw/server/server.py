@@ -2,13 +2,17 @@
 
 Standard library only (http.server): one thread per connection validates a request and renders its prompt;
 one engine thread owns the LLM and decodes every live request in one batch (llm.Streams), fed through a
-queue, with deltas coming back through a queue per request. Errors are OpenAI-style JSON with a 4xx status.
+queue, with deltas (plain data) coming back through a queue per request. Errors are OpenAI-style JSON with a 4xx
+status. Clients cannot hold what they do not use: connections are bounded and time out when silent, and a
+request whose client has gone (closed socket, failed write) is cancelled, freeing its KV slots, within one poll.
 The OpenAI wire format lives in openai_api.py; this file is the HTTP and threading side.
 """
 
 import json
 import logging
 import queue
+import select
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -20,7 +24,11 @@ from openclaw.llm import LLM, Delta, Request
 from openclaw.server.openai_api import ApiError, Reply, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
-MAX_BODY = 32 * 2**20
+POLL = 0.1  # seconds between checks that a waiting request's client is still there
+
+
+class ClientGone(Exception):
+    """The client closed its connection: nobody is left to answer."""
 
 
 @dataclass
@@ -41,7 +49,10 @@ class EngineLoop(threading.Thread):
         self.llm, self.note = llm, note
         self.evicted = False
         self.inbox: queue.Queue[Job | None] = queue.Queue()
-        self.max_batch = 0  # the most requests decoded together so far (GET /health shows it)
+        self.max_batch = 0  # the most sequences decoded in one step so far (at most --max-seqs)
+        pool = llm.engine.pool
+        # what GET /health shows: plain numbers, a new dict each step (handlers read it from their threads)
+        self.load = {"running": 0, "waiting": 0, "kv_free": pool.num_slots, "kv_slots": pool.num_slots}
 
     def submit(self, request: Request) -> Job:
         job = Job(request)
@@ -63,44 +74,64 @@ class EngineLoop(threading.Thread):
                 streams.close()
                 return
             if job:
-                try:
-                    jobs[streams.add(job.request)] = job
-                    job.events.put("accepted")
-                except OpenClawError as e:  # can never fit (context, pool): the client's to fix
-                    job.events.put(ApiError(400, str(e), code="context_length_exceeded"))
-                except Exception:  # a bug: this request fails, the thread (and every other request) goes on
-                    log.exception("admitting a request failed")
-                    job.events.put(ApiError(500, "the engine could not take this request; see the server log",
-                                            kind="server_error"))
+                if not job.cancelled.is_set():  # its client left while it queued
+                    self._admit(streams, jobs, job)
                 continue  # admit everything queued before the next step, so arrivals share it
             for key in [k for k, j in jobs.items() if j.cancelled.is_set()]:
                 streams.cancel(key)
                 del jobs[key]
-            if not jobs:
-                continue
-            self.max_batch = max(self.max_batch, len(jobs))
-            try:
-                deltas = streams.step()
-            except Exception:  # a bug, not the client's fault: fail the live requests and keep serving
-                log.exception("engine step failed")
-                for job in jobs.values():
-                    job.events.put(ApiError(500, "the engine failed on this batch; see the server log",
-                                            kind="server_error"))
-                streams.close()
-                jobs.clear()
-                continue
-            for d in deltas:
-                jobs[d.index].events.put(d)
-                if not self.evicted and d.seq.evictions:
-                    self.evicted = True
-                    self.note(self.llm.eviction_note(d.seq))
-                if d.finish_reason:
-                    del jobs[d.index]
+            if jobs:
+                self._step(streams, jobs)
+            self._measure()
+
+    def _admit(self, streams, jobs: dict[int, Job], job: Job) -> None:
+        try:
+            jobs[streams.add(job.request)] = job
+            job.events.put("accepted")
+        except OpenClawError as e:  # can never fit (context, pool): the client's to fix
+            job.events.put(ApiError(400, str(e), code="context_length_exceeded"))
+        except Exception:  # a bug: this request fails, the thread (and every other request) goes on
+            log.exception("admitting a request failed")
+            job.events.put(ApiError(500, "the engine could not take this request; see the server log",
+                                    kind="server_error"))
+
+    def _step(self, streams, jobs: dict[int, Job]) -> None:
+        try:
+            deltas = streams.step()
+        except Exception:  # the engine fails one sequence at a time; this is a bug outside that: fail the batch
+            log.exception("engine step failed")
+            for job in jobs.values():
+                job.events.put(ApiError(500, "the engine failed on this batch; see the server log",
+                                        kind="server_error"))
+            streams.close()
+            jobs.clear()
+            return
+        finished = 0
+        for d in deltas:
+            jobs[d.index].events.put(d)
+            if not self.evicted and d.eviction:
+                self.evicted = True
+                self.note(d.eviction)
+            if d.finish_reason:
+                finished += 1
+                del jobs[d.index]
+        # the step's batch: what still runs, and what ran in it to its end
+        self.max_batch = max(self.max_batch, len(self.llm.engine.scheduler.running) + finished)
+
+    def _measure(self) -> None:
+        scheduler, pool = self.llm.engine.scheduler, self.llm.engine.pool
+        self.load = {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                     "kv_free": pool.allocator.num_free, "kv_slots": pool.num_slots}
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "Server"
+    streaming = False  # headers of a stream are out: errors go in-band from then on
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.read_timeout  # every read and write of this connection
+        super().setup()
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
@@ -111,13 +142,15 @@ class Handler(BaseHTTPRequestHandler):
         elif path in ("/health", "/v1/health"):
             loop = self.server.loop
             ok = loop.is_alive()
-            self._json(200 if ok else 503, {"status": "ok" if ok else "down", "max_batch": loop.max_batch})
+            self._json(200 if ok else 503, {"status": "ok" if ok else "down", "max_batch": loop.max_batch,
+                                            "max_seqs": self.server.api.llm.config.max_seqs, **loop.load})
         else:
             self._error(ApiError(404, f"no route GET {path}", code="not_found"))
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         parse = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}.get(path)
+        job = None
         try:
             body = self._body()  # read first, so an error reply leaves no unread bytes on a kept-alive connection
             if parse is None:
@@ -133,6 +166,16 @@ class Handler(BaseHTTPRequestHandler):
                 self._complete(job, reply)
         except ApiError as e:
             self._error(e)
+        except (ClientGone, ConnectionError, TimeoutError):  # nobody to answer
+            self.close_connection = True
+        except Exception:  # a bug: this request gets a 500 (or loses its stream), the server goes on
+            log.exception("%s %s failed", self.command, path)
+            self.close_connection = True
+            if not self.streaming:
+                self._error(ApiError(500, "the server failed on this request; see its log", kind="server_error"))
+        finally:
+            if job is not None:  # gone, failed or done: free its slots (a finished job is already forgotten)
+                job.cancelled.set()
 
     def _no_method(self) -> None:
         try:
@@ -147,8 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._raw_body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, ints past 4300 digits, nesting past the stack
+            raise ApiError(400, f"the request body is not valid JSON: {type(e).__name__}: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
@@ -157,17 +200,18 @@ class Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._chunked()
         length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):  # "²".isdigit() is True, and int("²") raises
             self.close_connection = True  # where this body ends is unknown
             raise ApiError(400, f"Content-Length {length!r} is not a number of bytes")
-        if int(length) > MAX_BODY:
+        limit = self.server.config.max_body
+        if int(length) > limit:
             self.close_connection = True
-            raise ApiError(413, f"request body of {length} bytes is over the {MAX_BODY} byte limit")
+            raise ApiError(413, f"request body of {length} bytes is over the {limit} byte limit")
         return self.rfile.read(int(length))
 
     def _chunked(self) -> bytes:
         """A body sent with Transfer-Encoding: chunked (clients streaming an upload send no Content-Length)."""
-        raw = b""
+        raw, limit = b"", self.server.config.max_body
         while True:
             try:
                 size = int(self.rfile.readline(64).split(b";")[0].strip(), 16)
@@ -176,9 +220,9 @@ class Handler(BaseHTTPRequestHandler):
             if size < 0:
                 self.close_connection = True
                 raise ApiError(400, "malformed chunked request body")
-            if len(raw) + size > MAX_BODY:
+            if len(raw) + size > limit:
                 self.close_connection = True
-                raise ApiError(413, f"request body is over the {MAX_BODY} byte limit")
+                raise ApiError(413, f"request body is over the {limit} byte limit")
             if size == 0:
                 while self.rfile.readline(1024).strip():  # trailers, then the blank line that ends the body
                     pass
@@ -186,13 +230,31 @@ class Handler(BaseHTTPRequestHandler):
             raw += self.rfile.read(size)
             self.rfile.readline(8)  # the CRLF after each chunk
 
-    def _next(self, job: Job):
+    def _next(self, job: Job) -> Delta | ApiError | str:
+        """The job's next event; raises ClientGone as soon as the client has closed its connection."""
         while True:
             try:
-                return job.events.get(timeout=1.0)
+                event = job.events.get(timeout=POLL)
             except queue.Empty:
                 if not self.server.loop.is_alive():
                     return ApiError(503, "the engine thread has stopped", kind="server_error")
+                event = None
+            if self._client_gone():
+                raise ClientGone
+            if event is not None:
+                return event
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its end (its socket reads as ended or failed). Bytes it sent ahead, such as
+        a pipelined next request, stay unread."""
+        poller = select.poll()  # not select.select: it fails on descriptors past 1024
+        poller.register(self.connection, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        try:
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _complete(self, job: Job, reply: Reply) -> None:
         while True:
@@ -200,33 +262,32 @@ class Handler(BaseHTTPRequestHandler):
             if isinstance(event, ApiError):
                 raise event
             reply.add(event)
+            if event.finish_reason == "error":
+                raise reply.error(event)
             if event.finish_reason:
                 break
         self._json(200, reply.final())
 
     def _stream(self, job: Job, reply: Reply) -> None:
+        self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        try:
-            if (first := reply.first_chunk()) is not None:
-                self._chunk(first)
-            while True:
-                event = self._next(job)
-                if isinstance(event, ApiError):  # headers are gone: report in-band, as OpenAI does
-                    self._chunk({"error": event.body()["error"]})
-                    break
-                for chunk in reply.chunks(event):
-                    self._chunk(chunk)
-                if isinstance(event, Delta) and event.finish_reason:
-                    break
-            self._chunk("[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            job.cancelled.set()  # the client left: free its slots for the others
-            self.close_connection = True
+        if (first := reply.first_chunk()) is not None:
+            self._chunk(first)
+        while True:
+            event = self._next(job)
+            if isinstance(event, ApiError):  # headers are gone: report in-band, as OpenAI does
+                self._chunk({"error": event.body()["error"]})
+                break
+            for chunk in reply.chunks(event):
+                self._chunk(chunk)
+            if event.finish_reason:
+                break
+        self._chunk("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
 
     def _chunk(self, data) -> None:
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
@@ -239,6 +300,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -249,12 +312,65 @@ class Handler(BaseHTTPRequestHandler):
         self.server.log(f"{self.address_string()} {format % args}")
 
 
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections the kernel holds before accept
 
     def __init__(self, address: tuple[str, int], api, loop: EngineLoop, log: Callable[[str], None]):
         super().__init__(address, Handler)
         self.api, self.loop, self.log = api, loop, log
+        self.config = api.limits
+        self.connections = threading.BoundedSemaphore(self.config.max_connections)
+        self.open: set[socket.socket] = set()  # connections with a handler thread, closed by server_close
+        self.open_lock = threading.Lock()
+
+    def process_request(self, request, client_address) -> None:
+        """A thread per connection, up to max_connections; past that a 503 at once, so that stalled clients can never
+        hold every thread (or every file descriptor) and the server keeps accepting."""
+        if not self.connections.acquire(blocking=False):
+            body = json.dumps(ApiError(503, f"the server has its {self.config.max_connections} connections open; "
+                                       "retry", kind="server_error").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self.open_lock:
+            self.open.add(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back
+            self._closed(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed(request)
+
+    def _closed(self, request) -> None:
+        with self.open_lock:
+            self.open.discard(request)
+        self.connections.release()
+
+    def server_close(self) -> None:
+        """Stop listening and end every open connection, so no handler thread outlives the server (idle keep-alive
+        connections would otherwise hold theirs until the read timeout)."""
+        super().server_close()
+        with self.open_lock:
+            connections = list(self.open)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):

@@ -42,7 +42,10 @@ def model_family(raw: dict, where: str | Path = "") -> Family:
 def parse_config(raw: dict, where: str | Path = "") -> tuple[Family, object]:
     """(family, its config dataclass) of a config.json dict: the one place a model's config is parsed."""
     family = model_family(raw, where)
-    return family, family.config.from_dict(raw)
+    try:
+        return family, family.config.from_dict(raw)
+    except ValueError as e:  # a config the family does not define (the family says which field and why)
+        raise OpenClawError(f"{where or 'this model'}: {e}") from None
 
 
 def read_config(model_dir: Path) -> tuple[Family, object, dict]:
@@ -100,8 +103,8 @@ def quant_method(raw: dict) -> str | None:
 
 def detect_format(model_dir: Path, raw: dict | None = None) -> str:
     """The checkpoint's weight format: "unquantized" (fp16/bf16/fp32 safetensors; NF4 at load if asked), "awq",
-    "bitsandbytes", "gguf" (a directory openclaw.weights.gguf_import made with quantized=True) or "openclaw" (our own
-    layout, read by the loader). Unknown or unsupported quantization_config settings raise OpenClawError."""
+    "bitsandbytes", "gguf" (a directory openclaw.weights.gguf_import made with quantized=True), "openclaw" (our own
+    layout, read by the loader) or "random" (openclaw.weights.synthetic: random weights, config.json only). Unknown or unsupported quantization_config settings raise OpenClawError."""
     raw = read_json(Path(model_dir) / "config.json") if raw is None else raw
     method = quant_method(raw)
     if method is None:
@@ -116,7 +119,7 @@ def detect_format(model_dir: Path, raw: dict | None = None) -> str:
         if qc.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
             raise OpenClawError(f"{model_dir}: quantization_config.bnb_4bit_quant_type "
                                 f"{qc['bnb_4bit_quant_type']!r} is unknown; expected nf4 or fp4")
-    elif method not in ("gguf", "openclaw"):
+    elif method not in ("gguf", "openclaw", "random"):
         raise OpenClawError(
             f"{model_dir}: quantization_config.quant_method {method!r} is not supported; supported are awq (4-bit "
             "GEMM), bitsandbytes (4-bit) and GGUF files, or use the unquantized checkpoint (quantized to NF4 at load)")

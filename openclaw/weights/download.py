@@ -21,10 +21,10 @@ from pathlib import Path
 
 from openclaw.errors import OpenClawError
 from openclaw.weights.hub import ManifestEntry, hub_dir
+from openclaw.weights.integrity import MARKER
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.gguf")  # weights, config, tokenizer, template
-MARKER = ".openclaw-pull.json"  # the files verified so far: a resumed pull does not hash them again
 DISK_MARGIN = 256 * 2**20
 _CHUNK = 1 << 20
 

@@ -32,8 +32,8 @@ _BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _CHUNK_ROWS = 4096  # rows converted at a time, so fp32/int32 temporaries stay a fraction of one weight
 
 
-def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu",
-                   nf4: bool = False) -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
+def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu", nf4: bool = False,
+                   dense: tuple[str, ...] = ()) -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
     """Every tensor of the checkpoint in `model_dir` (config `raw`) by its checkpoint (HF) name, on `device`, one at
     a time: linear weights the format quantizes as QuantWeight [out, in], everything else (norms, biases,
     embeddings, lm_head, modules the format left unquantized) as the plain tensor in its stored dtype.
@@ -42,7 +42,8 @@ def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu
     stacks parts of one layout with concat_rows. AWQ and bitsandbytes parts of one layer always share it; GGUF parts
     may not (Q4_K_M keeps some attn_v / ffn_down in Q6_K), and those stay separate weights of one QuantLinear.
     `nf4=True` quantizes an unquantized checkpoint's decoder-layer linear weights to NF4 (bitsandbytes' layout,
-    group 64) as they stream by: on CUDA with bitsandbytes when it is installed, else in plain torch, same codes.
+    group 64) as they stream by, except those whose names end with one of `dense` (the model holds them in full
+    precision: Family.dense): on CUDA with bitsandbytes when it is installed, else in plain torch, same codes.
     A weight bitsandbytes stored in blocks that straddle rows (in_features not a multiple of its blocksize) comes
     back dequantized, as a plain tensor. Conversion runs on `device` (the GPU when there is one: much faster)."""
     fmt = detect_format(model_dir, raw)
@@ -59,7 +60,8 @@ def iter_quantized(model_dir: Path, raw: dict, device: torch.device | str = "cpu
         else:
             for name in shards.names:
                 tensor = shards.get(name, device)
-                yield name, quantize_nf4(tensor, name) if nf4 and _nf4_target(name, tensor) else tensor
+                quantize = nf4 and _nf4_target(name, tensor) and not name.endswith(dense)
+                yield name, quantize_nf4(tensor, name) if quantize else tensor
 
 
 class _Shards:

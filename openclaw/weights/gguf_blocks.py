@@ -16,7 +16,8 @@ import torch
 
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight
-from openclaw.weights.gguf_import import _config, _open, _tensor_plan, _unpermute, architecture
+from openclaw.weights.gguf_arch import Entry, architecture, config, tensor_plan, unpermute
+from openclaw.weights.gguf_import import _open
 from openclaw.weights.layout import Layout
 
 Q = gguf.GGMLQuantizationType
@@ -34,22 +35,29 @@ def _open_supported(path: Path, missing_hint: str = "") -> tuple[object, str]:
     return reader, architecture(reader, path)
 
 
+def _repacks(entry: Entry) -> bool:
+    """A 2-D weight (one expert of a 3-D tensor too) of a type we keep in blocks; kv_b_proj joined from two tensors is
+    built in float32."""
+    return len(entry.shape) == 2 and entry.value is None and entry.tensor.tensor_type in REPACKED
+
+
 def iter_gguf(path: Path, device: torch.device | str = "cpu") -> Iterator[tuple[str, QuantWeight | torch.Tensor]]:
-    """Every tensor of a llama / qwen2 / qwen3 GGUF file by its HF name, one at a time, on `device`: 2-D weights of
-    the REPACKED types as QuantWeight (llama's Q/K rows un-permuted), others (norms, F16/F32, types we do not
-    repack) dequantized by the gguf package to float32 tensors."""
+    """Every tensor of a GGUF file by its HF name (openclaw.weights.gguf_arch: experts one by one, the MTP layer
+    skipped), one at a time, on `device`: 2-D weights of the REPACKED types as QuantWeight (llama's Q/K rows
+    un-permuted), others (norms, F16/F32, types we do not repack, MLA's kv_b_proj) dequantized by the gguf package
+    to float32 tensors."""
     path = Path(path)
     reader, arch = _open_supported(path, "(a moved or deleted source file?); import it again")
-    for t, name, heads in _tensor_plan(reader, arch, path, _config(reader, arch, path)):
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest dimension first
+    for entry in tensor_plan(reader, arch, path, config(reader, arch, path)):
+        t = entry.tensor
         try:
-            if len(shape) == 2 and t.tensor_type in REPACKED:
-                qw = gguf_to_quant(t.name, t.data, t.tensor_type, shape, device)
-                yield name, qw if heads is None else _permute_rows(qw, _unpermute(np.arange(shape[0]), heads))
+            if _repacks(entry):
+                qw = gguf_to_quant(t.name, entry.data(), t.tensor_type, entry.shape, device)
+                heads = entry.heads
+                yield entry.name, qw if heads is None else _permute_rows(qw, unpermute(np.arange(entry.shape[0]),
+                                                                                       heads))
             else:
-                w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-                w = _unpermute(w, heads) if heads else w
-                yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"])).to(device)
+                yield entry.name, torch.from_numpy(np.require(entry.dequantized(), np.float32, ["C", "W"])).to(device)
         except (ValueError, IndexError) as e:  # numpy reshapes of a tensor whose bytes disagree with its shape
             raise OpenClawError(f"{path}: tensor {t.name} is corrupt ({e}); re-download the file") from e
 
@@ -59,12 +67,9 @@ def gguf_tensor_layouts(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ..
     GGUF file, from its header alone: what the memory planner needs to count the bytes iter_gguf will produce."""
     path = Path(path)
     reader, arch = _open_supported(path)
-    config = _config(reader, arch, path)
-    tensors = []
-    for t, name, _ in _tensor_plan(reader, arch, path, config):
-        shape = tuple(int(d) for d in reversed(t.shape))
-        tensors.append((name, shape, REPACKED.get(t.tensor_type) if len(shape) == 2 else None))
-    return config, tensors
+    cfg = config(reader, arch, path)
+    plan = tensor_plan(reader, arch, path, cfg)
+    return cfg, [(e.name, e.shape, REPACKED[e.tensor.tensor_type] if _repacks(e) else None) for e in plan]
 
 
 def _permute_rows(qw: QuantWeight, rows: np.ndarray) -> QuantWeight:

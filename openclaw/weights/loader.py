@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from openclaw.errors import OpenClawError
 from openclaw.kernels.qlinear import QuantWeight, concat_rows, interleave_gate_up, quantize_rtn, tile, tiles
 from openclaw.models.layers import QuantEmbedding, QuantLinear
-from openclaw.weights.checkpoint import iter_safetensors, quant_method, read_config
+from openclaw.weights import synthetic
+from openclaw.weights.checkpoint import iter_safetensors, parse_config, quant_method, read_config
 from openclaw.weights.formats import iter_quantized
 from openclaw.weights.layout import rtn_group
 
@@ -65,16 +66,22 @@ def save_quantized(path: Path, tensors: dict[str, torch.Tensor | QuantWeight]) -
     save_file(flat, str(path), metadata={"openclaw.quant": json.dumps(layouts)})
 
 
-def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = "cpu",
-                       nf4: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+def checkpoint_tensors(model_dir: Path, raw: dict, device: torch.device | str = "cpu", nf4: bool = False,
+                       dtype: torch.dtype = torch.float32, dense: tuple[str, ...] = ()
+                       ) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """Every tensor of the checkpoint by its checkpoint name, quantized weights as QuantWeight, streamed; nf4:
-    quantize an unquantized checkpoint's linear layers to NF4 on the way (converters run on `device`)."""
+    quantize an unquantized checkpoint's linear layers to NF4 on the way, except names ending with one of `dense`
+    (converters run on `device`); a synthetic checkpoint's random tensors are made there, full-precision ones in
+    dtype."""
     method = quant_method(raw)
     if method is None and not nf4:
         return ((name, tensor) for _, name, tensor, _ in iter_safetensors(model_dir))
     if method == "openclaw":
         return _internal_tensors(model_dir)
-    return iter_quantized(model_dir, raw, device, nf4=nf4)
+    if method == synthetic.METHOD:
+        family, cfg = parse_config(raw, model_dir)
+        return synthetic.random_tensors(family, cfg, synthetic.layout_of(raw), device, dtype)
+    return iter_quantized(model_dir, raw, device, nf4=nf4, dense=dense)
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: bool = False,
@@ -84,9 +91,12 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
     checkpoint left unquantized, become 8-bit. progress(what, done, total) counts the model's weights as they land."""
     model_dir = Path(model_dir)
     family, cfg, raw = read_config(model_dir)
-    quantized = quant_method(raw) is not None or nf4
+    quantized = (quant_method(raw) is not None and not _full_precision(raw)) or nf4
     with torch.device("meta"):
         model = family.model(cfg, quantized).to(dtype)
+        for pname, p in model.named_parameters():
+            if pname.endswith(family.fp32):  # MoE routers: expert selection sees the exact correction bias
+                p.data = p.data.float()
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     qmodules = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
@@ -94,19 +104,20 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
         del qmodules["lm_head.weight"]  # shares the embedding's weight, set below
     loaded: set[str] = set()
     expected = {f"{pname}#{i}" for pname in [*params, *qmodules]
-                for i in range(max(1, len(family.packed_sizes(cfg, pname.split(".")[-2]))))}
+                for i in range(max(1, len(family.packed_sizes(cfg, pname))))}
     method = quant_method(raw)
     what = "quantizing to NF4" if nf4 and method is None else f"loading {method} weights" if method else "loading"
     pending: dict[str, dict[int, QuantWeight]] = {}  # parts of a fused quantized weight until all have arrived
-    for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4):
-        target = family.checkpoint_target(name)
+    for name, tensor in checkpoint_tensors(model_dir, raw, device, nf4, dtype, family.dense):
+        target = family.checkpoint_target(cfg, name)
         if target is None or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             continue
         pname, index, nparts = target
         if pname not in params and pname not in qmodules:
             raise OpenClawError(f"{model_dir.name}: tensor {name} has no place in the {cfg.model_type} model; "
                                 "is config.json from the same checkpoint?")
-        rows = family.packed_sizes(cfg, pname.split(".")[-2])[index] if index >= 0 else None
+        tensor = family.sanitize(cfg, name, tensor)
+        rows = family.packed_sizes(cfg, pname)[index] if index >= 0 else None
         if pname in qmodules:
             module = qmodules[pname]
             qw = _as_quantized(name, tensor, rows, module, device)
@@ -116,14 +127,16 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
                 parts = pending.setdefault(pname, {})
                 parts[index] = qw
                 if len(parts) == nparts:
-                    _set_quantized(module, _fuse([parts[i] for i in range(nparts)], device), dtype)
+                    _set_quantized(module, _fuse([parts[i] for i in range(nparts)], device, module.row_major), dtype)
                     del pending[pname]
         else:
-            if isinstance(tensor, QuantWeight):
-                raise OpenClawError(f"tensor {name} is quantized but the model expects it in full precision")
             dst = params[pname].data
+            if isinstance(tensor, QuantWeight):  # a weight the model holds in full precision (Family.dense)
+                if len(tensor.shape) != 2 or not name.endswith(family.dense):
+                    raise OpenClawError(f"tensor {name} is quantized but the model expects it in full precision")
+                tensor = tensor.dequantize(dst.dtype)
             if index >= 0:
-                dst = dst.narrow(0, sum(family.packed_sizes(cfg, pname.split(".")[-2])[:index]), rows)
+                dst = dst.narrow(0, sum(family.packed_sizes(cfg, pname)[:index]), rows)
             if dst.shape != tensor.shape:
                 raise OpenClawError(f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                                     f"{tuple(dst.shape)}; the config and the weights disagree")
@@ -138,6 +151,11 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, nf4: b
         raise OpenClawError(f"{model_dir}: {len(missing)} weights missing from the checkpoint "
                             f"(first: {missing[0]}); the download may be incomplete")
     return model.eval()
+
+
+def _full_precision(raw: dict) -> bool:
+    """A synthetic checkpoint of a full-precision format (a bf16 manifest model): its weights are not quantized."""
+    return quant_method(raw) == synthetic.METHOD and synthetic.layout_of(raw) is None
 
 
 def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | None, module: torch.nn.Module,
@@ -157,11 +175,12 @@ def _as_quantized(name: str, tensor: torch.Tensor | QuantWeight, rows: int | Non
     return quantize_rtn(tensor, 8, rtn_group(shape[1]), device=device)
 
 
-def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[QuantWeight]:
-    """A fused module's parts (q/k/v, gate/up) on `device`: stacked into one weight (one GEMV) when they share a
-    layout, else kept as they are (QuantLinear runs one GEMV per part), so no part is widened to another's layout.
+def _fuse(parts: list[QuantWeight], device: torch.device, one: bool = False) -> QuantWeight | list[QuantWeight]:
+    """A fused module's parts (q/k/v, gate/up, an MoE layer's experts) on `device`: stacked into one weight (one GEMV)
+    when they share a layout or `one` asks for one weight (experts, which the MoE kernel reads by id), else kept as
+    they are (QuantLinear runs one GEMV per part), so no part is widened to another's layout.
     openclaw.weights.sizes.quantized_weight_bytes counts by the same rule."""
-    if len({p.layout for p in parts}) == 1:
+    if one or len({p.layout for p in parts}) == 1:
         return concat_rows(parts).to(device)
     return [p.to(device) for p in parts]
 
@@ -169,7 +188,7 @@ def _fuse(parts: list[QuantWeight], device: torch.device) -> QuantWeight | list[
 def _set_quantized(module: torch.nn.Module, qw: QuantWeight | list[QuantWeight], dtype: torch.dtype) -> None:
     if isinstance(module, QuantEmbedding):
         module.qweight, module.dtype = qw, dtype
-    elif dtype != torch.bfloat16:  # the tensor-core GEMV takes bf16 rows: other dtypes keep row-major weights
+    elif dtype != torch.bfloat16 or module.row_major:  # the tensor-core GEMV takes bf16 rows; experts stay row-major
         module.qweight = qw
     elif isinstance(qw, list):  # linear weights in the order decode reads fastest (tiled on sm_80+)
         module.qweight = [tile(p) for p in qw]

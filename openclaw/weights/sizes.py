@@ -12,7 +12,7 @@ from safetensors import safe_open
 from openclaw.models.family import Family
 from openclaw.weights import gguf_blocks
 from openclaw.weights.checkpoint import detect_format, model_family, read_config, shard_files
-from openclaw.weights.layout import NF4, Layout, config_layout, eight_bit
+from openclaw.weights.layout import FORMAT_LAYOUTS, NF4, Layout, config_layout, eight_bit
 
 
 def weight_bytes(cfg, dtype_bytes: int, layout: Layout | None) -> int:
@@ -20,7 +20,7 @@ def weight_bytes(cfg, dtype_bytes: int, layout: Layout | None) -> int:
     layers in `layout` (or the dtype), embeddings and lm_head 8-bit when quantized (a tied lm_head shares the
     embedding), norms and biases in the dtype."""
     h, vocab = cfg.hidden_size, cfg.vocab_size
-    total = cfg.norm_elements() * dtype_bytes
+    total = cfg.norm_elements() * dtype_bytes + cfg.dense_bytes(dtype_bytes)
     for _, n, k, bias in cfg.linear_shapes():
         # a weight whose rows do not split into the format's groups stays full precision: the loader makes it 8-bit
         fits = layout is not None and k % layout.group == 0
@@ -31,17 +31,21 @@ def weight_bytes(cfg, dtype_bytes: int, layout: Layout | None) -> int:
 
 
 def quantized_weight_bytes(tensors: list[tuple[str, tuple[int, ...], Layout | None]], dtype_bytes: int,
-                           tied: bool, family: Family) -> int:
+                           tied: bool, family: Family, cfg: object = None) -> int:
     """Bytes the loader allocates for a quantized model, from its checkpoint tensors (HF name, shape, Layout; None
     for a full-precision one): parts fused into one module (q/k/v, gate/up) are stacked into one weight when they
     share a layout, else kept apart, each in its own (the loader's rule, openclaw.weights.loader._fuse; one lut for a
-    stack); full-precision 2-D weights become 8-bit; 1-D tensors (norms, biases) stay in the dtype."""
+    stack); full-precision 2-D weights become 8-bit; 1-D tensors (norms, biases) and the weights the family holds
+    dense stay in the dtype (Family.dense; Family.fp32 in float32)."""
     total, fused = 0, {}
     for name, shape, layout in tensors:
-        target = family.checkpoint_target(name)
+        target = family.checkpoint_target(cfg, name)
         if target is None or (tied and name == "lm_head.weight"):
             continue  # the loader skips these too
-        if len(shape) != 2:
+        if name.endswith(family.fp32):
+            total += 4 * _numel(shape)
+            continue
+        if len(shape) != 2 or name.endswith(family.dense):
             total += dtype_bytes * _numel(shape)
             continue
         layout = layout or eight_bit(shape[1])
@@ -62,7 +66,8 @@ def gguf_weight_bytes(path: Path, dtype_bytes: int) -> tuple[dict, int]:
     """(the HF config, weight bytes) of a GGUF file kept in its own blocks, from its header."""
     raw, tensors = gguf_blocks.gguf_tensor_layouts(path)
     family = model_family(raw, path)
-    return raw, quantized_weight_bytes(tensors, dtype_bytes, raw["tie_word_embeddings"], family)
+    return raw, quantized_weight_bytes(tensors, dtype_bytes, raw["tie_word_embeddings"], family,
+                                       family.config.from_dict(raw))
 
 
 def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int, nf4: bool = False) -> int:
@@ -70,12 +75,14 @@ def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int, nf4: bool = False
     tensor for our own layout (quant_method "openclaw"), whose safetensors headers record each weight's bits and
     group, and for a GGUF file kept quantized (quant_method "gguf"), from its tensor types."""
     model_dir = Path(model_dir)
-    _, cfg, raw = read_config(model_dir)
+    family, cfg, raw = read_config(model_dir)
     fmt = detect_format(model_dir, raw)  # refuses an unknown or unsupported quantization_config, naming it
     if fmt == "gguf":
         return gguf_weight_bytes(model_dir / raw["quantization_config"].get("gguf_file", "model.gguf"), dtype_bytes)[1]
     if fmt == "unquantized":
         return weight_bytes(cfg, dtype_bytes, NF4 if nf4 else None)
+    if fmt == "random":
+        return weight_bytes(cfg, dtype_bytes, FORMAT_LAYOUTS.get(raw["quantization_config"].get("format", "")))
     if fmt != "openclaw":
         return weight_bytes(cfg, dtype_bytes, config_layout(raw))
     total, tied = 0, cfg.tie_word_embeddings
@@ -84,16 +91,24 @@ def checkpoint_weight_bytes(model_dir: Path, dtype_bytes: int, nf4: bool = False
             layouts = json.loads((f.metadata() or {}).get("openclaw.quant", "{}"))
             for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 base, _, part = name.rpartition(".")
+                if f"{base}#parts" in layouts and base.endswith(family.dense):  # dequantized at load
+                    if part == "qweight":
+                        total += dtype_bytes * layouts[base][2] * layouts[base][3]
+                    continue
                 if f"{base}#parts" in layouts:
                     if part == "qweight":
                         bits, group, n, k, *_ = layouts[base]  # then the zero code, which costs nothing
                         parts = layouts[f"{base}#parts"]
                         total += Layout(bits, group, "offsets" in parts, "lut" in parts).nbytes(n, k)
                     continue
-                if tied and name == "lm_head.weight":
+                if tied and name == "lm_head.weight" or family.checkpoint_target(cfg, name) is None:
                     continue
                 shape = f.get_slice(name).get_shape()
-                if name.endswith(("embed_tokens.weight", "lm_head.weight", "proj.weight")):
+                if name.endswith(family.fp32):
+                    total += 4 * _numel(shape)
+                elif name.endswith(family.dense):
+                    total += dtype_bytes * _numel(shape)
+                elif name.endswith(("embed_tokens.weight", "lm_head.weight", "proj.weight", "mqa.weight")):
                     total += eight_bit(shape[1]).nbytes(*shape)
                 else:
                     total += dtype_bytes * _numel(shape)
