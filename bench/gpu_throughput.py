@@ -41,13 +41,13 @@ def main() -> None:
     model_dir = model_dir_for(args.model, args.device, args.cache)
     res = {"model": args.model, "tokens": args.tokens, "runs": []}
     for policy in args.policies.split(","):
-        evict = EvictionConfig() if policy == "full" else EvictionConfig(
+        evict = EvictionConfig(policy="full") if policy == "full" else EvictionConfig(
             policy=policy, budget=args.budget, stats="auto" if policy == "triattention" else None,
             divide_length=args.divide_length, protect_recent=args.protect_recent)
         engine = Engine(model_dir, EngineConfig(device=args.device, vram=args.vram, kv_tokens=args.kv_tokens,
                                                 max_seqs=args.max_seqs, evict=evict))
-        per_seq = min(args.prompt + args.tokens, evict.budget + evict.divide_length) if evict.evicts else \
-            args.prompt + args.tokens
+        ev = engine.evict  # made concrete for the pool
+        per_seq = min(args.prompt + args.tokens, ev.budget + ev.divide_length) if ev.evicts else args.prompt + args.tokens
         seqs = max(1, min(args.max_seqs, engine.pool.num_slots // per_seq))
         run = {"policy": policy, "kv_tokens": engine.pool.num_slots, "slots_per_seq": per_seq,
                **asdict(speed.throughput(engine, seqs, args.tokens, args.prompt))}

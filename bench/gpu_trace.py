@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     policy = "full" if args.mode == "full" else "triattention"
-    evict = EvictionConfig() if policy == "full" else EvictionConfig(
+    evict = EvictionConfig(policy="full") if policy == "full" else EvictionConfig(
         policy=policy, budget=args.budget, stats="auto", divide_length=args.divide_length,
         protect_recent=args.protect_recent)
     t0 = time.perf_counter()
@@ -72,8 +72,8 @@ def main() -> None:
         if args.mode == "offline":  # the compressor of the same engine, now with statistics from a file
             path = Path(tmp) / "stats.pt"
             res["calibration_s"] = offline_stats(engine, args.calibration_tokens, path)
-            engine.config.evict = replace(evict, stats=str(path))
-            engine.compressor = Compressor.for_model(engine.config.evict, engine.model, engine.pool, 1)
+            engine.evict = replace(engine.evict, stats=str(path))
+            engine.compressor = Compressor.for_model(engine.evict, engine.model, engine.pool, 1)
         tokens = args.tokens
         if args.mode == "full":
             try:

@@ -59,7 +59,7 @@ def bench(
         help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")] = None,
     quantize: Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")] = _E.quantize,
     evict: Annotated[str, typer.Option(
-        help="KV eviction: full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
+        help="KV eviction: auto, full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
     = _V.policy,
     kv_budget: Annotated[int, typer.Option(help="KV entries kept per sequence when evicting.")] = _V.budget,
     stats: Annotated[str | None, typer.Option("--stats", help="TriAttention stats file or auto.")] = None,
@@ -102,7 +102,8 @@ def bench(
         load_s = time.perf_counter() - t0
         card = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor()
         result["device"] = f"{engine.device} ({card or platform.machine()}), {torch.get_num_threads()} threads"
-        label = ev.policy if not ev.evicts else f"{ev.policy}@{ev.budget}"
+        concrete = engine.evict  # auto and an unset budget made concrete for the pool
+        label = ev.policy if not concrete.evicts else f"{ev.policy}@{concrete.budget}"
         err.print(f"[dim]{label}: loaded {name} on {engine.device} ({engine.dtype}) in {load_s:.1f}s; KV pool "
                   f"{engine.pool.num_slots} tokens[/dim]")
         with err.status("") as status:

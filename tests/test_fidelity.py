@@ -1,6 +1,8 @@
 """The fidelity harness and eviction in the engine: with budget >= length nothing changes (bit for bit); with a
 small budget every policy evicts, generates past its slot count, and the harness sees the difference."""
 
+import math
+
 import pytest
 import torch
 from tiny_models import make_hf_model
@@ -200,3 +202,33 @@ def test_the_attention_received_comes_from_the_forward_itself(tiny):
         want = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum((1, 2)).T  # [69, Hkv]
         torch.testing.assert_close(mass[layer, :69], want, rtol=1e-4, atol=1e-5)
     assert mass[:, 69:].abs().sum() == 0
+
+
+def test_chunked_metrics_equal_the_whole_window_computation(tiny):
+    """evaluate() sums KL / top-1 / NLL chunk by chunk in lockstep with one full-attention reference; the old harness
+    kept every scored position's log-probs of both runs and compared them at once. Same numbers, two windows."""
+    model = load_model(tiny, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(8)
+    windows = [torch.randint(0, 128, (180,), generator=g).tolist() for _ in range(2)]
+    runs = [("full", EvictionConfig(policy="full")), ("streaming@32", evict("streaming", 32)),
+            ("h2o@32", evict("h2o", 32)), ("tri@32", evict("triattention", 32))]
+    start = 40
+    rows = {r.label: r for r in evaluate(model, windows, runs, start=start)}
+    for label, cfg in runs:
+        kl = top1 = nll = nll_full = tokens = evictions = 0
+        for ids in windows:
+            full, _ = forced_logprobs(model, ids, EvictionConfig(policy="full"), start=start)
+            ev, n = forced_logprobs(model, ids, cfg, start=start)
+            targets = torch.tensor(ids[start + 1:])[:, None]
+            kl += (full.exp() * (full - ev)).sum().item()
+            top1 += int((full.argmax(-1) == ev.argmax(-1)).sum())
+            nll -= ev.gather(1, targets).sum().item()
+            nll_full -= full.gather(1, targets).sum().item()
+            tokens += len(targets)
+            evictions += n
+        r = rows[label]
+        assert (r.tokens, r.evictions, r.top1) == (tokens, evictions, top1 / tokens), label
+        assert r.kl == pytest.approx(kl / tokens, rel=1e-6, abs=1e-9), label
+        assert math.log(r.ppl) == pytest.approx(nll / tokens, rel=1e-6) and math.log(r.ppl_full) == pytest.approx(
+            nll_full / tokens, rel=1e-6), label
+    assert rows["full"].kl == 0 and rows["streaming@32"].evictions > 0 and rows["streaming@32"].kl > 0

@@ -112,13 +112,13 @@ def decode(engine: Engine, batch: int, context: int, steps: int = 32, reps: int 
 def _refusal(engine: Engine, context: int, batch: int, new_tokens: int) -> str:
     """Why `batch` sequences of `context` prompt tokens (and new_tokens more) cannot run at once, or ''."""
     if engine.max_new_tokens(context) < new_tokens:
-        ev = engine.config.evict
-        if ev.evicts and ev.pin_prompt and context + ev.protect_recent >= ev.budget:
+        ev = engine.evict
+        if ev.evicts and ev.policy != "auto" and ev.pin_prompt and context + ev.protect_recent >= ev.budget:
             return f"a pinned prompt of {context} tokens is over the budget {ev.budget}: use --no-pin-prompt"
         return f"{context} + {new_tokens} tokens exceed the context ({engine.max_model_len}) or the KV pool"
     if batch > engine.config.max_seqs:
         return f"batch {batch} is over --max-seqs {engine.config.max_seqs}"
-    ev = engine.config.evict
+    ev = engine.evict
     per_seq = min(context + new_tokens, ev.budget + ev.divide_length) if ev.evicts else context + new_tokens
     if batch * per_seq > engine.pool.num_slots:
         return f"{batch} x {per_seq} KV slots are more than the pool's {engine.pool.num_slots}"
