@@ -291,3 +291,17 @@ def test_bad_budgets_deep_files_and_failed_answers_keep_the_conversation(smol_mo
     chat.llm.engine.runner.step = step
     chat.turn("And of Germany?")
     assert len(chat.messages) == 4 and "Berlin" in chat.messages[-1]["content"]
+
+
+def test_an_answer_that_outgrows_the_kv_range_evicts_and_the_chat_says_so_once(smol_model_dir):
+    """No eviction flags and a 256-slot pool: each answer runs past its range (TriAttention takes over, --evict auto)
+    instead of stopping, the chat says so once, and /stats shows it."""
+    chat, err = in_process(smol_model_dir, 400, kv_tokens=256)
+    chat.turn("Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.")
+    chat.turn("Now tell the same story from the point of view of the bottle.")
+    assert chat.last.finish_reason == "length" and chat.last.completion_tokens == 400
+    assert err.getvalue().count("TriAttention eviction took over") == 1, err.getvalue()
+    assert "KV range of 256 slots full after" in err.getvalue()
+    before = len(err.getvalue())
+    chat.command("/stats")
+    assert "triattention keeps 128 entries" in err.getvalue()[before:], err.getvalue()[before:]

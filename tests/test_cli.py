@@ -119,6 +119,22 @@ def test_run_answers_on_stdout_only(prompt, tmp_path, smol_dir):
     assert "tok/s" in r.stderr and "tok/s" not in r.stdout
 
 
+@pytest.mark.slow
+def test_run_past_a_256_token_kv_range_evicts_and_says_so_once(tmp_path, smol_dir):
+    """No eviction flags, a 256-slot pool and 2,000 new tokens: --evict auto (the default) lets TriAttention take over
+    at the edge of the range, the answer runs to its length, and stderr says so once."""
+    p = tmp_path / "story.txt"
+    p.write_text("Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. Describe "
+                 "every day of his year.\n")
+    r = openclaw("run", p, "--model", smol_dir, "--temperature", "0", "--kv-tokens", "256", "--max-tokens", "2000",
+                 cache=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stderr
+    assert "2000 generated (length)" in r.stderr, r.stderr
+    assert r.stderr.count("eviction took over") == 1, r.stderr
+    assert "KV range of 256 slots full after 256 tokens: TriAttention eviction took over, keeping 128 entries" in \
+        r.stderr.replace("\n", " ")
+
+
 @pytest.mark.parametrize("command", [("run",), ("chat",), ("serve",), ("plan",), ("bench",), ("calibrate",), ("eval", "fidelity"),
                                      ("eval", "needle")])
 def test_every_command_that_loads_a_model_takes_vram_and_quantize(command):
