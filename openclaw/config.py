@@ -91,7 +91,7 @@ class EvictionConfig:
     policy: str = "auto"
     budget: int | None = None  # KV entries kept per sequence, prompt included; None: the KV range less divide_length
     divide_length: int = 128  # compress when the cache reaches budget + divide_length
-    pin_prompt: bool = True  # prompt tokens are never evicted (auto: when the prompt fits in a quarter of the budget)
+    pin_prompt: bool = True  # prompt tokens are never evicted (auto: when prompt + protect_recent fit in budget / 2)
     protect_recent: int = 128  # the most recent tokens are never evicted (auto: at most a quarter of the budget)
     stats: str | None = None  # triattention, auto: a stats file (openclaw calibrate --out), or None / "auto": online
     tri_terms: str = "both"  # triattention ablations: both, trig (distance series only), norm (key-norm term only)
