@@ -93,10 +93,10 @@ def latent_mass(q: torch.Tensor, cache: torch.Tensor, meta: BatchMeta, scale: fl
     for i, (q_start, q_len, base, kv_len) in enumerate(meta.seqs):
         if q_len == 1:
             idx = (meta.slot_base[i] + cols[:kv_len]).clamp_max(cache.shape[0] - 1)
-            visible = (cols[:kv_len] < meta.kv_valid[i]) & (meta.slot_mapping[q_start] >= 0)
+            visible = cols[:kv_len] < meta.kv_valid[i]  # never empty: a padded row reads one slot
             s = torch.einsum("hk,sk->hs", q[q_start], cache[idx, 0].to(q.dtype)).float() * scale
-            p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).sum(0) * visible
-            mass[:, 0].index_add_(0, idx, p)
+            p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).sum(0)
+            mass[:, 0].index_add_(0, idx, p * (visible & (meta.slot_mapping[q_start] >= 0)))
             continue
         keys = cache[base:base + kv_len, 0].to(q.dtype)
         s = torch.einsum("thk,sk->ths", q[q_start:q_start + q_len], keys).float() * scale

@@ -7,6 +7,7 @@ import pytest
 import torch
 from openclaw.kernels.tri_score import tri_score_prerope_series
 from openclaw.models.layers import BatchMeta
+from openclaw.models.mla import latent_mass
 from tiny_models import make_hf_model
 
 from openclaw.config import POLICIES, EngineConfig, EvictionConfig, SamplingParams
@@ -159,3 +160,25 @@ def test_compaction_moves_the_latent_cache(policy, tmp_path, monkeypatch):
         sets.append(rows)
     if policy == "triattention":  # one keep set for the latent of every layer
         assert all(r == sets[0] for r in sets)
+
+
+def test_latent_mass_is_the_attention_each_key_receives():
+    """MLA's mass (models/mla.latent_mass): decode rows over the static bound masked by the device length, a padded
+    row (slot -1) adding nothing, and a prefill chunk with its causal mask, each equal to the softmax written out."""
+    g = torch.Generator().manual_seed(6)
+    H, K, scale = 4, 24, 0.3
+    cache = torch.randn(40, 1, K, generator=g)
+    q = torch.randn(5, H, K, generator=g)
+    # rows: decode of a 7-key sequence at slot 10 (bound 16), a padded decode row, then a 3-token chunk at slot 20
+    meta = BatchMeta(slot_mapping=torch.tensor([16, -1, 23, 24, 25]), seqs=[(0, 1, 10, 16), (1, 1, 0, 16),
+                                                                             (2, 3, 20, 6)],
+                     sample_idx=torch.tensor([0]), kv_valid=torch.tensor([7, 1, 6]),
+                     slot_base=torch.tensor([10, 0, 20]))
+    mass = torch.zeros(40, 1)
+    latent_mass(q, cache, meta, scale, mass)
+    want = torch.zeros(40)
+    want[10:17] = torch.softmax(q[0] @ cache[10:17, 0].T * scale, -1).sum(0)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[3:]  # queries 3..5 of the 6 keys
+    s = torch.einsum("thk,sk->ths", q[2:], cache[20:26, 0]) * scale
+    want[20:26] = torch.softmax(s.masked_fill(~causal[:, None], float("-inf")), -1).sum((0, 1))
+    torch.testing.assert_close(mass[:, 0], want, rtol=1e-5, atol=1e-6)

@@ -97,9 +97,9 @@ class Compressor:
             row = self._row(seq) if self.ring is not None and seq.kv_budget is not None else self.scratch
             # only the last W tokens of a chunk: two of a longer chunk would share a ring slot
             ring_rows += [self.scratch] * max(0, n - self.cfg.window) + [row] * min(n, self.cfg.window)
-        if self.ring is None:
-            return StepTap([], [], lambda inputs, slots, positions: _QueryTap(self, None, slots, positions),
-                           key_mass=self.mass)
+        if self.ring is None:  # no query tap at all when only the attention mass is wanted (h2o)
+            return StepTap([], [], lambda inputs, slots, positions: None if self.online is None else
+                           _QueryTap(self, None, slots, positions), key_mass=self.mass)
         return StepTap([ring_rows], [self.scratch],
                        lambda inputs, slots, positions: _QueryTap(self, inputs[0], slots, positions),
                        key_mass=self.mass)
