@@ -243,3 +243,27 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
         server.loop.stop()
         server.server_close()
         server.loop.join(timeout=10)  # a daemon thread still inside torch at exit aborts the interpreter
+
+
+def test_a_request_past_its_kv_range_evicts_and_the_log_says_so_once(smol_model_dir, tmp_path):
+    """No eviction flags (--evict auto) and a 256-slot pool: two answers of 300 tokens each run past the range
+    instead of being refused, the server's log gets one line about it, and closing persists the statistics."""
+    lines = []
+    llm = LLM(EngineConfig(model=str(smol_model_dir), device="cpu", kv_tokens=256, max_seqs=1, cache_dir=tmp_path))
+    server = make_server(llm, Api(llm, "smol", 300), "127.0.0.1", 0, log=lines.append)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
+                               max_retries=0)
+        for _ in range(2):
+            r = client.chat.completions.create(model="smol", messages=STORY, temperature=0, max_tokens=300,
+                                               extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 300 and r.choices[0].finish_reason == "length"
+        assert len([line for line in lines if "eviction took over" in line]) == 1, lines
+    finally:
+        server.shutdown()
+        server.loop.stop()
+        server.server_close()
+        server.loop.join(timeout=10)
+    llm.close()
+    assert list((tmp_path / "stats").glob("*.pt")), "the online statistics persist in the cache"
