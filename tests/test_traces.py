@@ -2,6 +2,7 @@
 model's generations, into the cache's online statistics or a file), greedy agreement under eviction, and the
 harness's refusals (tiny random models with a character tokenizer and a chat template; SmolLM2 in the slow test)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,21 @@ def test_smollm2_calibrates_on_its_own_generation(smol_model_dir, tmp_path):
     assert stats.heads is None and torch.isfinite(stats.a_mean).all() and (stats.a_mean > 0).all()
     meta = torch.load(tmp_path / "smol.pt", weights_only=True)["metadata"]
     assert meta["calibration_tokens"] > 64 and meta["query_capture"] == "rope_input"
+
+
+def test_fidelity_on_the_models_own_traces_reports_greedy_agreement(tmp_path):
+    tiny = tmp_path / "m"
+    make_hf_model("qwen3", tiny)
+    add_char_tokenizer(tiny)
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    r = openclaw("eval", "fidelity", "--model", tiny, "--generate", "200", "--prompts", tmp_path / "prompts.txt",
+                 "--policies", "full,streaming", "--budgets", "16,400", "--score-from", "40", "--device", "cpu",
+                 "--dtype", "float32", "--json", tmp_path / "f.json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "f.json").read_text())
+    rows = {row["label"]: row for row in data["rows"]}
+    assert data["meta"]["generate"] == 200 and data["meta"]["windows"] == 1
+    assert rows["full"]["kl"] == 0 and rows["streaming@400"]["kl"] == 0 and rows["streaming@400"]["evictions"] == 0
+    assert rows["streaming@400"]["greedy_agree"] == 200  # never evicts: greedy decoding is full attention's
+    assert rows["streaming@16"]["evictions"] > 0 and rows["streaming@16"]["kl"] > 0
+    assert rows["streaming@16"]["greedy_agree"] < 200
