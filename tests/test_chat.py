@@ -248,8 +248,9 @@ def test_a_session_longer_than_the_kv_pool_keeps_going(smol_model_dir, evict):
 
 
 def test_an_over_long_message_is_refused_before_any_turn_is_dropped(smol_model_dir, tmp_path):
-    """It dropped every old turn and was then refused anyway: /stats showed context 0 and /save wrote 0 messages."""
-    chat, err = in_process(smol_model_dir, 8, kv_tokens=256)
+    """It dropped every old turn and was then refused anyway: /stats showed context 0 and /save wrote 0 messages.
+    Full attention: with --evict auto (the default) the message would run, past its KV range."""
+    chat, err = in_process(smol_model_dir, 8, kv_tokens=256, evict=EvictionConfig(policy="full"))
     chat.turn("What is the capital of France?")
     chat.turn("And of Germany?")
     before = list(chat.messages)
