@@ -126,8 +126,9 @@ def test_run_past_a_256_token_kv_range_evicts_and_says_so_once(tmp_path, smol_di
     p = tmp_path / "story.txt"
     p.write_text("Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. Describe "
                  "every day of his year.\n")
+    # one thread: two threads on a loaded shared CPU ran this at a twentieth of the speed
     r = openclaw("run", p, "--model", smol_dir, "--temperature", "0", "--kv-tokens", "256", "--max-tokens", "2000",
-                 cache=tmp_path, timeout=1200)
+                 "--threads", "1", cache=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stderr
     assert "2000 generated (length)" in r.stderr, r.stderr
     assert r.stderr.count("eviction took over") == 1, r.stderr
