@@ -116,8 +116,8 @@ def mla_decode_attention_triton(q: torch.Tensor, cache: torch.Tensor, slot_base:
         BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_R=block_r, BLOCK_E=max(16, triton.next_power_of_2(E)),
         BLOCK_N=BLOCK_N, MIN_PART=min_part, DOT_F32=cache.dtype == torch.float32 or not q.is_cuda,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _decode_combine_kernel[(B * H,)](acc, ml, out, num_parts, out.stride(0), out.stride(1), H=H, D=R,
-                                     BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_r)
+    _decode_combine_kernel[(B * H,)](acc, ml, out, ml, num_parts, out.stride(0), out.stride(1), H=H, D=R,
+                                     BLOCK_P=triton.next_power_of_2(num_parts), BLOCK_D=block_r, STORE_LSE=False)
     return out
 
 
