@@ -4,7 +4,8 @@
 #
 #   OUT=/tmp/gpu bash bench/gpu_run.sh env tests decode trace-offline trace-auto trace-full throughput glm cli
 #
-# Knobs (environment): TRACE_TOKENS (32768), TP_TOKENS (8192, throughput), VRAM (24). Without an installed
+# Knobs (environment): TRACE_TOKENS (32768), TRACE_KV (the traces' KV pool in tokens; default: what the cap leaves),
+# TP_TOKENS (8192, throughput), TP_POLICIES (full,triattention,snapkv), VRAM (24). Without an installed
 # openclaw, the repository is made importable in place (openclaw.kernels / openclaw.models are links); a
 # bitsandbytes unpacked under .whl/site (the peer) is put on the path.
 set -uo pipefail
@@ -38,9 +39,9 @@ for s in "$@"; do
         decode) stage decode python3 bench/gpu_decode.py --vram "$VRAM" --json "$OUT/decode.json" ;;
         trace-offline|trace-auto|trace-full)
             stage "$s" python3 bench/gpu_trace.py --vram "$VRAM" --tokens "$TRACE_TOKENS" --mode "${s#trace-}" \
-                --json "$OUT/$s.json" ;;
+                ${TRACE_KV:+--kv-tokens $TRACE_KV} --json "$OUT/$s.json" ;;
         throughput) stage throughput python3 bench/gpu_throughput.py --vram "$VRAM" --tokens "$TP_TOKENS" \
-                --json "$OUT/throughput.json" ;;
+                --policies "${TP_POLICIES:-full,triattention,snapkv}" --json "$OUT/throughput.json" ;;
         glm) stage glm-z1 python3 bench/gpu_decode.py --model GLM-Z1-32B --vram "$VRAM" --no-peer \
                  --prompts 4096 --json "$OUT/glm-z1.json"
              stage glm-flash python3 bench/gpu_decode.py --model GLM-4.7-Flash --vram "$VRAM" --no-peer --no-kernels \

@@ -1,4 +1,4 @@
-"""The prefill GEMM: y [M, N] = x [M, K] @ w.T for 16 rows and more against a group-quantized weight in
+"""A 4-bit GEMM: y [M, N] = x [M, K] @ w.T for many rows against a group-quantized weight in
 kernels/qlinear.py's layout (4 or 8 bits, row-major or tiled), dequantized in registers and multiplied on the tensor
 cores with fp32 accumulation; no bf16 copy of the weight is ever written.
 
@@ -8,13 +8,15 @@ quantization group, so without a code table the tile holds the raw integer codes
 group's scale and offset apply once per output after the dot: sum_k w_k x_k = s * sum_k c_k x_k + (o - z s) sum_k x_k.
 Per weight element that is a nibble unpack and one int -> float conversion, shared by all BLOCK_M rows of x. A code
 table (NF4) instead dequantizes each element to x's dtype before the dot. Plus qgemm_ref, the test oracle.
+
+Not in qlinear's dispatch: on an H100 (bench/RESULTS.md, 2026-12-05) it took about 5x a bf16 cuBLAS GEMM of the same
+shape, where dequantizing the weight in blocks and calling cuBLAS took 1.1-2x. Kept, tested, for tuning
+(bench/gemm_lab.py).
 """
 
 import torch
 import triton
 import triton.language as tl
-
-GEMM_MIN_ROWS = 16  # rows from which qlinear uses this kernel (fewer: the decode GEMVs)
 
 
 def _configs() -> list[triton.Config]:

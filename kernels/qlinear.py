@@ -23,9 +23,15 @@ import triton.language as tl
 
 from .gemv4 import _q4gemv_kernel
 from .gemv_mma import q4mma, tile_words
-from .qgemm import GEMM_MIN_ROWS, qgemm
 
-GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; fewer than GEMM_MIN_ROWS run as several launches, more as a GEMM
+GEMV_MAX_ROWS = 8  # rows one GEMV launch handles; fewer than DEQUANT_MIN_ROWS run as several launches
+# From this many rows qlinear dequantizes the weight, DEQUANT_BLOCK bytes of it at a time, and multiplies with cuBLAS.
+# Measured on an H100 (bench/RESULTS.md, 2026-12-05): at 512 and 4096 rows of every Qwen3-32B shape that path took
+# 0.23-0.50x the time of kernels/qgemm.py's in-register GEMM, which stays out of the dispatch until it is tuned;
+# below it, GEMV launches of 8 rows each read the weight once per launch (batch 16 decode: 2 launches, not the GEMM's
+# 3.5x slower step).
+DEQUANT_MIN_ROWS = 64
+DEQUANT_BLOCK = 128 << 20
 GEMV_KERNELS = ("mma", "gemv4")  # the few-row GEMVs qgemv may use, besides the fp32 kernel (benchmarks narrow it)
 
 
@@ -412,8 +418,8 @@ def qlinear(x: torch.Tensor, weight: QuantWeight | list[QuantWeight], bias: torc
 
 
 def qlinear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> [..., N] in x.dtype. Fewer than GEMM_MIN_ROWS rows: the fused GEMV (8 rows per launch); more
-    (prefill, large decode batches): the 4-bit GEMM of kernels/qgemm.py, dequantizing in registers."""
+    """x: [..., K] -> [..., N] in x.dtype. Fewer than DEQUANT_MIN_ROWS rows: the fused GEMV (8 rows per launch); more
+    (prefill): the weight dequantized to x.dtype in row blocks of DEQUANT_BLOCK bytes, each through cuBLAS."""
     K = qw.shape[1]
     assert x.shape[-1] == K, f"x has {x.shape[-1]} features, the weight {K}"
     x2 = x.reshape(-1, K)
@@ -424,12 +430,27 @@ def qlinear_triton(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None =
         return x.new_empty(*x.shape[:-1], N)
     if not _kernel_ok(qw):
         return qlinear_ref(x, qw, bias).to(x.dtype)
-    if M < GEMM_MIN_ROWS:
+    if M < DEQUANT_MIN_ROWS:
         y = torch.cat([qgemv(x2[i:i + GEMV_MAX_ROWS], qw, bias) for i in range(0, M, GEMV_MAX_ROWS)]) \
             if M > GEMV_MAX_ROWS else qgemv(x2, qw, bias)
     else:
-        y = qgemm(x2, qw.qweight, qw.scales, qw.offsets, qw.lut, qw.bits, qw.group, qw.zero, qw.tiled, bias)
+        y = dequant_matmul(x2, qw, bias)
     return y.view(*x.shape[:-1], N)
+
+
+def dequant_matmul(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight.T -> [M, N] in x.dtype: the weight dequantized DEQUANT_BLOCK bytes of rows at a time (whole
+    16-row tiles), each block one cuBLAS GEMM; nothing weight-sized is allocated."""
+    (N, K), M = qw.shape, x.shape[0]
+    step = max(16, DEQUANT_BLOCK // (K * x.element_size()) // 16 * 16)
+    if step >= N:
+        return F.linear(x, dequantize(qw, x.dtype), bias)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    for start in range(0, N, step):
+        stop = min(N, start + step)
+        y[:, start:stop] = F.linear(x, dequantize(qw, x.dtype, (start, stop)),
+                                    None if bias is None else bias[start:stop])
+    return y
 
 
 def qlinear_parts_triton(x: torch.Tensor, parts: list[QuantWeight],

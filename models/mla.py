@@ -51,7 +51,7 @@ class MLAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(ckv[:, :self.r])
         k_rope = apply_rope(ckv[:, None, self.r:], cos, sin)[:, 0]
-        cache.index_copy_(0, meta.slot_mapping, torch.cat([c, k_rope], dim=-1)[:, None].to(cache.dtype))
+        write_latents(cache, meta.slot_mapping, torch.cat([c, k_rope], dim=-1)[:, None].to(cache.dtype))
         q_pre = q[..., self.dn:]
         w = self.kv_b_proj.weight.view(self.h, self.dn + self.dv, self.r)
         q_abs = torch.einsum("thd,hdr->thr", q[..., :self.dn], w[:, :self.dn].to(q.dtype))
@@ -119,3 +119,11 @@ def _prefill(q: torch.Tensor, keys: torch.Tensor, scale: float, value_dim: int) 
         p = torch.softmax(s.masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
         out[i0:i1] = torch.einsum("ths,sr->thr", p.to(q.dtype), keys[:, :value_dim])
     return out
+
+
+def write_latents(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slots[i]] = rows[i], skipping rows whose slot is -1 (a captured batch's padding) without a host sync: a
+    padded row rewrites row 0's slot with row 0's values (a step's first row is always a real one), so the duplicate
+    index writes the same bytes whichever lands last. An index of -1 would be a device-side assert on CUDA."""
+    real = slots >= 0
+    cache.index_copy_(0, torch.where(real, slots, slots[:1]), torch.where(real[:, None, None], rows, rows[:1]))

@@ -58,6 +58,8 @@ def bench(
     vram: Annotated[float | None, typer.Option(
         help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")] = None,
     quantize: Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")] = _E.quantize,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
+                                         "loading (file sizes are always checked).")] = _E.verify,
     evict: Annotated[str, typer.Option(
         help="KV eviction: auto, full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
     = _V.policy,
@@ -92,7 +94,7 @@ def bench(
         model_dir = synthetic_dir(base.cache_dir, f"{entry.name}-{fmt.replace('>', '')}", entry.raw_config, fmt)
         name = f"{entry.name} (random weights, {fmt})"
     else:
-        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4")
+        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4", verify=verify)
         name = model_dir.name
     result = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
               "torch": torch.__version__, "config": asdict(cfg), "runs": []}

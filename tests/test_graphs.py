@@ -50,7 +50,8 @@ def stats_file(path, tmp_path) -> str:
 
 
 CASES = [("qwen3", p) for p in ("full", "streaming", "snapkv", "rkv", "h2o", "triattention", "triattention-auto")]
-CASES += [("llama", "full"), ("llama", "snapkv"), ("qwen2", "triattention-auto")]
+CASES += [("llama", "full"), ("llama", "snapkv"), ("qwen2", "triattention-auto"), ("glm4", "snapkv"),
+          ("glm4_moe_lite", "full"), ("glm4_moe_lite", "triattention-auto")]
 
 
 @pytest.mark.parametrize("kind,policy", CASES)
@@ -74,10 +75,12 @@ def test_static_decode_equals_dynamic(kind, policy, tmp_path):
         assert static.compressor.evictions == dynamic.compressor.evictions > 8
 
 
-def test_padded_rows_write_nowhere_and_lengths_are_inputs(tmp_path):
+@pytest.mark.parametrize("kind", ["qwen3", "glm4_moe_lite"])
+def test_padded_rows_write_nowhere_and_lengths_are_inputs(kind, tmp_path):
     """Three sequences at far-apart slot bases in a bucket of 4: the padded row leaves every slot but the three new
-    ones untouched (NaN stays NaN), and the same step object serves other bases and lengths."""
-    make_hf_model("qwen3", tmp_path)
+    ones untouched (NaN stays NaN), and the same step object serves other bases and lengths. (MLA's latent write
+    once sent the padded row's slot -1 to index_copy_: the pool's last slot on a CPU, a device-side assert on CUDA.)"""
+    make_hf_model(kind, tmp_path)
     e = engine(tmp_path, "eager", kv_tokens=1024)
     graphs: DecodeGraphs = e.runner.graphs
     e.pool.k.fill_(float("nan"))
@@ -93,12 +96,12 @@ def test_padded_rows_write_nowhere_and_lengths_are_inputs(tmp_path):
     written = [s.slot_base + s.kv_len for s in seqs]
     before = e.pool.k.isnan()
     logits = graphs.run(seqs)
-    assert logits.shape == (3, 128) and torch.isfinite(logits).all()
+    assert logits.shape[0] == 3 and torch.isfinite(logits).all()
     changed = before & ~e.pool.k.isnan()
     assert changed.any(0).any(-1).any(-1).nonzero().flatten().tolist() == sorted(written)
     dynamic, _ = Runner(e.model, e.pool, e.device).step([(s, 1) for s in seqs])
     torch.testing.assert_close(logits, dynamic, rtol=1e-5, atol=1e-5)
-    assert list(graphs.steps) == [(4, 256, 0)]
+    assert list(graphs.steps) == [(4, 256, 0, False)]
 
 
 def test_registry_is_bounded_over_many_slot_bases(tmp_path):

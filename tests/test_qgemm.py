@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import assert_close
 from openclaw.kernels import qlinear as ql
-from openclaw.kernels.qgemm import GEMM_MIN_ROWS, qgemm, qgemm_ref
+from openclaw.kernels.qgemm import qgemm, qgemm_ref
 from test_qlinear import random_weight, tiled
 
 CUDA = torch.cuda.is_available()
@@ -55,14 +55,16 @@ def test_qwen3_32b_shapes(n, k):
     check(random_weight(n, k, 4, 128, True, False), 17, as_tiled=True)
 
 
-def test_qlinear_picks_gemv_below_and_gemm_from_the_threshold(monkeypatch):
-    """qlinear_triton: up to 8 rows one GEMV, fewer than GEMM_MIN_ROWS several, from there the GEMM; all equal the
-    reference."""
-    calls, gemm, gemv = [], ql.qgemm, ql.qgemv
-    monkeypatch.setattr(ql, "qgemm", lambda *a, **k: calls.append("gemm") or gemm(*a, **k))
+def test_qlinear_picks_gemv_below_and_dequantized_blocks_from_the_threshold(monkeypatch):
+    """qlinear_triton: up to 8 rows one GEMV, fewer than DEQUANT_MIN_ROWS several, from there the weight dequantized
+    in row blocks (three blocks of 16 rows here, the block size shrunk to show it); all equal the reference."""
+    calls, dq, gemv = [], ql.dequantize, ql.qgemv
+    monkeypatch.setattr(ql, "dequantize", lambda *a, **k: calls.append("dequant") or dq(*a, **k))
     monkeypatch.setattr(ql, "qgemv", lambda *a, **k: calls.append("gemv") or gemv(*a, **k))
-    qw = random_weight(24, 256, 4, 128, True, False, seed=3)
-    for m, want in [(8, ["gemv"]), (GEMM_MIN_ROWS - 1, ["gemv", "gemv"]), (GEMM_MIN_ROWS, ["gemm"])]:
+    monkeypatch.setattr(ql, "DEQUANT_BLOCK", 16 * 256 * 4)  # 16 fp32 rows of K = 256
+    qw = random_weight(40, 256, 4, 128, True, False, seed=3)
+    n = ql.DEQUANT_MIN_ROWS
+    for m, want in [(8, ["gemv"]), (n - 1, ["gemv"] * (-(-(n - 1) // 8))), (n, ["dequant"] * 3)]:
         calls.clear()
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(DEV)
         assert_close(ql.qlinear_triton(x, qw), ql.qlinear_ref(x, qw), torch.float32, matmul=True)

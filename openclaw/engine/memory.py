@@ -26,9 +26,9 @@ GIB = 1 << 30
 MIB = 1 << 20
 CONTEXT_ESTIMATE = 600 * MIB  # CUDA context when it cannot be measured (planning on a machine without the GPU)
 WORKSPACE = 512 * MIB  # cuBLAS / Triton workspaces, autotuning (do_bench's 256 MiB buffer), slack
-# driver memory of one captured decode graph (its kernel nodes and their parameters), outside PyTorch's allocator: an
-# upper estimate until the GPU run measures it (bench/gpu_decode.py prints the measured bytes per graph)
-GRAPH_OVERHEAD = 4 * MIB
+# driver memory of one captured decode graph (its kernel nodes and their parameters), outside PyTorch's allocator:
+# bench/gpu_decode.py measured 19 MiB per Qwen3-32B graph on an H100 (torch 2.11, CUDA 13; bench/RESULTS.md)
+GRAPH_OVERHEAD = 20 * MIB
 MAX_SMS = 160  # the partition count of decode attention grows with the SMs; more than any card this plans for has
 
 
@@ -45,10 +45,12 @@ def graph_bytes(cfg, dtype_bytes: int, max_seqs: int) -> tuple[int, int]:
     bound: the shared logits buffer; the one memory pool, which holds the largest step's transients (a step of
     max_seqs rows: activations, logits, decode attention's partials); and each graph's own driver memory."""
     rows, vocab = max_seqs, cfg.vocab_size
-    heads, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads = cfg.num_attention_heads
+    hkv, key_width, value_width = cfg.cache_shape()
+    out_width = value_width or key_width  # MLA caches no value: its attention outputs latents (under the key width)
     partitions = WAVES * MAX_SMS // hkv + rows  # rows x partitions at most (kernels/decode_attention.num_partitions)
     step = (cfg.activation_bytes(rows, 0, dtype_bytes) + rows * vocab * (dtype_bytes + 4)
-            + partitions * (heads // hkv) * hkv * (cfg.head_dim + 2) * 4)
+            + partitions * heads * (out_width + 2) * 4)
     graphs = len(batch_buckets(max_seqs)) * len(len_buckets(cfg.max_position_embeddings))
     return rows * vocab * 4 + step, graphs * GRAPH_OVERHEAD
 
@@ -59,7 +61,8 @@ def eviction_bytes(cfg, evict: EvictionConfig | None, max_seqs: int, dtype_bytes
     sums."""
     if evict is None or not evict.evicts:
         return 0
-    layers, heads, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    _, d, _ = cfg.cache_shape()  # the queries the policies keep are as wide as the cached keys (MLA: absorbed)
     if evict.scorer in ("snapkv", "rkv"):
         return (max_seqs + 1) * layers * evict.window * heads * d * dtype_bytes
     if evict.online:

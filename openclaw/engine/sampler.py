@@ -183,7 +183,8 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.seq_id in self.generators:
                 uniform[i] = torch.rand(1, dtype=torch.float64, generator=self.generators[seq.seq_id])
-        host = torch.tensor([[0.0 if p.greedy else _temperature(p) for p in params], [min(p.top_k or vocab, vocab) for p in params],
+        host = torch.tensor([[0.0 if p.greedy else _temperature(p) for p in params],
+                             [min(p.top_k or vocab, vocab) for p in params],
                              [1.0 if p.top_p is None else p.top_p for p in params], [p.min_p or 0.0 for p in params],
                              [_penalty(p) for p in params]], dtype=torch.float64)
         rows = self._upload(torch.cat((host, uniform[None])))
