@@ -45,10 +45,11 @@ def graph_bytes(cfg, dtype_bytes: int, max_seqs: int) -> tuple[int, int]:
     bound: the shared logits buffer; the one memory pool, which holds the largest step's transients (a step of
     max_seqs rows: activations, logits, decode attention's partials); and each graph's own driver memory."""
     rows, vocab = max_seqs, cfg.vocab_size
-    heads, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads = cfg.num_attention_heads
+    hkv, key_width, value_width = cfg.cache_shape()  # MLA: one latent head whose key is also the value
     partitions = WAVES * MAX_SMS // hkv + rows  # rows x partitions at most (kernels/decode_attention.num_partitions)
     step = (cfg.activation_bytes(rows, 0, dtype_bytes) + rows * vocab * (dtype_bytes + 4)
-            + partitions * (heads // hkv) * hkv * (cfg.head_dim + 2) * 4)
+            + partitions * heads * ((value_width or key_width) + 2) * 4)
     graphs = len(batch_buckets(max_seqs)) * len(len_buckets(cfg.max_position_embeddings))
     return rows * vocab * 4 + step, graphs * GRAPH_OVERHEAD
 
@@ -58,11 +59,12 @@ def eviction_bytes(cfg, evict: EvictionConfig | None, max_seqs: int, dtype_bytes
     query ring, H2O's received attention, online TriAttention sums."""
     if evict is None or not evict.evicts:
         return 0
-    layers, heads, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    hkv, d, _ = cfg.cache_shape()  # the compressor records queries as wide as the keys they attend (MLA: latent)
+    layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     if evict.policy in ("snapkv", "rkv"):
         return (max_seqs + 1) * layers * evict.window * heads * d * dtype_bytes
     if evict.policy == "h2o":
-        return max_seqs * layers * cfg.num_key_value_heads * (evict.budget + evict.divide_length) * 4
+        return max_seqs * layers * hkv * (evict.budget + evict.divide_length) * 4
     if evict.policy == "triattention" and evict.stats == "auto":
         return 3 * layers * heads * (d // 2) * 8
     return 0
