@@ -120,9 +120,12 @@ class Payload:
 def test_files_that_need_code_to_load_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"metadata": Payload()}, f, protocol=2)
-    with pytest.raises(OpenClawError, match="not a loadable stats file") as e:
-        load_stats(tmp_path / "evil.pt", 3, 4, 24, OMEGA)
-    assert "\n" not in str(e.value)  # torch's refusal runs over five lines
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file" * 8)
+    for name in ("evil.pt", "junk.pt"):
+        with pytest.raises(OpenClawError, match="is not a stats file") as e:
+            load_stats(tmp_path / name, 3, 4, 24, OMEGA)
+        assert "\n" not in str(e.value)  # torch's refusal runs over five lines
+        assert "weights_only" not in str(e.value)  # torch's advice (weights_only=False) would run the file's code
     with pytest.raises(OpenClawError, match="does not exist"):
         load_stats(tmp_path / "missing.pt", 3, 4, 24, OMEGA)
 
