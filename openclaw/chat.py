@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.table import Table
 from openclaw.config import SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM
+from openclaw.typeahead import TypeAhead
 
 HELP = [
     ("/think on|off", "Qwen3-style thinking on or off (the template's switch)"),
@@ -42,6 +44,7 @@ class TurnStats:
     finish_reason: str = ""
     kv_len: int = 0  # KV entries the answer's sequence held at its end (prompt + answer, less what was evicted)
     kv_capacity: int = 0  # pool slots it owned
+    evictions: int = 0  # times its KV was compressed to the eviction budget
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Chat:
     turns: int = 0
     generated: int = 0
     _stop: bool = False
+    _typed: str = ""  # typed while the last answer streamed: the next prompt starts with it
 
 
     def run(self) -> None:
@@ -92,7 +96,7 @@ class Chat:
 
     def read(self) -> str:
         """One message: a trailing backslash continues the line; \"\"\" opens a block closed by \"\"\"."""
-        line = input(_prompt("> ", "1;32"))
+        line = self._first_line()
         if line.strip().startswith('"""'):
             lines, line = [], line.strip()[3:]
             while not line.rstrip().endswith('"""'):
@@ -106,6 +110,17 @@ class Chat:
             line = input(_prompt("… ", "2"))
         return "\n".join([*lines, line])
 
+
+    def _first_line(self) -> str:
+        typed, self._typed = self._typed, ""
+        readline = sys.modules.get("readline")
+        if not typed or readline is None:
+            return input(_prompt("> ", "1;32"))
+        readline.set_startup_hook(lambda: readline.insert_text(typed))  # editable, as if typed at the prompt
+        try:
+            return input(_prompt("> ", "1;32"))
+        finally:
+            readline.set_startup_hook(None)
 
     def conversation(self, messages: list[dict] | None = None) -> list[dict]:
         """The system message (if any) and these messages (default: the whole conversation)."""
@@ -181,30 +196,35 @@ class Chat:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         t0 = time.perf_counter()
         first = None
+        keys = TypeAhead(sys.stdin.fileno()) if sys.stdin.isatty() else None
         try:
-            while streams and not self._stop:
-                for d in streams.step():
-                    if first is None:
-                        first = time.perf_counter()
-                    if d.reasoning:
-                        if not reasoning:
-                            self.out.print("thinking: ", style="dim italic", end="")
-                        self.out.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
-                        reasoning += d.reasoning
-                    if d.text:
-                        if reasoning and not answer:
-                            self.out.print("\n")
-                        self.out.print(d.text, end="", markup=False, highlight=False)
-                        answer += d.text
-                    stats.completion_tokens = d.completion_tokens
-                    stats.kv_len, stats.kv_capacity = d.kv_len, d.kv_capacity
-                    if d.finish_reason:
-                        stats.finish_reason = d.finish_reason
-                    if d.error:
-                        error = d.error
+            with keys or nullcontext():
+                while streams and not self._stop:
+                    for d in streams.step():
+                        if self._stop:  # Ctrl-C came during this step: no more of the answer is shown
+                            break
+                        if first is None:
+                            first = time.perf_counter()
+                        if d.reasoning:
+                            if not reasoning:
+                                self.out.print("thinking: ", style="dim italic", end="")
+                            self.out.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
+                            reasoning += d.reasoning
+                        if d.text:
+                            if reasoning and not answer:
+                                self.out.print("\n")
+                            self.out.print(d.text, end="", markup=False, highlight=False)
+                            answer += d.text
+                        stats.completion_tokens = d.completion_tokens
+                        stats.kv_len, stats.kv_capacity, stats.evictions = d.kv_len, d.kv_capacity, d.evictions
+                        if d.finish_reason:
+                            stats.finish_reason = d.finish_reason
+                        if d.error:
+                            error = d.error
         finally:
             streams.close()
             signal.signal(signal.SIGINT, previous)
+            self._typed = keys.text if keys else ""
         end = time.perf_counter()
         self.out.print()
         if error:
@@ -276,6 +296,10 @@ class Chat:
         budget = f", eviction {evict.policy} keeps {evict.budget} per sequence" if evict.evicts else ""
         held = f"the last answer held {s.kv_len} KV entries in its {s.kv_capacity} slots; " if self.turns else ""
         table.add_row("KV", f"{held}pool of {engine.pool.num_slots} slots{budget}")
+        if evict.evicts and self.turns:
+            ran = f"{s.evictions} eviction{'' if s.evictions == 1 else 's'}" if s.evictions else "no eviction needed"
+            table.add_row("eviction", f"last answer: {ran} ({evict.policy}); it kept {s.kv_len} of "
+                          f"{s.prompt_tokens + s.completion_tokens} tokens")
         table.add_row("memory", _memory(engine))
         params = self.params.with_defaults(engine.sampling_defaults).__dict__
         table.add_row("sampling", ", ".join(f"{k} {v}" for k, v in params.items() if v is not None and v != []

@@ -16,13 +16,25 @@ from rich.console import Console
 from rich.table import Table
 
 from openclaw.cli_eval import _csv, eviction_config
-from openclaw.config import BenchConfig, EngineConfig, EvictionConfig, default_cache_dir
+from openclaw.cli_options import (
+    DEFAULT_CACHE,
+    CacheDir,
+    Device,
+    Dtype,
+    KvTokens,
+    Model,
+    ModelArg,
+    Quantize,
+    Threads,
+    Vram,
+    model_spec,
+)
+from openclaw.config import BenchConfig, EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 _E, _V, _B = EngineConfig(), EvictionConfig(), BenchConfig()
-DEFAULT_CACHE = default_cache_dir()
 
 
 def _ints(values: str | None) -> list[int]:
@@ -30,9 +42,7 @@ def _ints(values: str | None) -> list[int]:
 
 
 def bench(
-    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Manifest name, directory or .gguf.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Manifest name, HF model directory, or .gguf file.")]
-    = _E.model,
+    model_arg: ModelArg = None, model: Model = None,
     random_weights: Annotated[bool, typer.Option(
         help="Random weights of a manifest model's real shapes in its format's layout: nothing is downloaded (speed "
              "does not depend on the values).")] = _B.random_weights,
@@ -45,19 +55,11 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed decode steps per figure.")] = _B.steps,
     reps: Annotated[int, typer.Option(help="Best of this many runs (after a warm-up run).")] = _B.reps,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _E.device,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float16 on CPU), bfloat16, float16 or float32.")]
-    = _E.dtype,
-    kv_tokens: Annotated[int | None, typer.Option(
-        help="KV pool size in tokens (default: what --vram leaves on a GPU; 32768 on a CPU).")] = _E.kv_tokens,
+    device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
     max_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together at most (default: the largest "
                                                       "batch size).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")] = _E.threads,
-    cache_dir: Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
-    = DEFAULT_CACHE,
-    vram: Annotated[float | None, typer.Option(
-        help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")] = None,
-    quantize: Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")] = _E.quantize,
+    threads: Threads = _E.threads, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = None,
+    quantize: Quantize = _E.quantize,
     evict: Annotated[str, typer.Option(
         help="KV eviction: full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
     = _V.policy,
@@ -75,7 +77,7 @@ def bench(
     from openclaw.weights.hub import load_quantize, manifest_entry, resolve_model
     from openclaw.weights.synthetic import loaded_format, synthetic_dir
 
-    spec = model_arg or model
+    spec = model_spec(model_arg, model)
     dev = pick_device(device)
     cfg = BenchConfig(_ints(prompt_lengths), _ints(contexts), _ints(batch_sizes), steps, reps,
                       random_weights).for_device(dev.type == "cuda")

@@ -14,28 +14,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from openclaw.config import EngineConfig, EvictionConfig, default_cache_dir
+from openclaw.cli_options import (
+    DEFAULT_CACHE,
+    CacheDir,
+    Device,
+    Dtype,
+    Model,
+    ModelArg,
+    Quantize,
+    Verify,
+    Vram,
+    model_spec,
+)
+from openclaw.config import EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure eviction quality against full attention.")
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 _E, _V = EngineConfig(), EvictionConfig()
-DEFAULT_CACHE = default_cache_dir()
-CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
-Dtype = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 (fast on CPUs with bf16), float16.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Stats = Annotated[str | None, typer.Option(help="TriAttention stats file (openclaw calibrate), or auto.")]
 Protect = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
 CALIBRATION_CONTEXT = 4096  # tokens per independent calibration context (the KV pool calibrate allocates)
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")]
 
-
-Vram = Annotated[float | None, typer.Option(
-    help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
-Quantize = Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")]
-Verify = Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
-                                      "loading, as for `openclaw run`.")]
 
 
 def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
@@ -84,18 +86,19 @@ def _csv(values: str, kind=str) -> list:
 
 
 def calibrate(
-    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name, HF model directory, or .gguf.")],
     text: Annotated[list[Path], typer.Option(help="Calibration text file(s); repeat the option for several.")],
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the stats (.pt, reference format).")],
+    model_arg: ModelArg = None, model: Model = None,
     tokens: Annotated[int, typer.Option(help="Calibration tokens at most (about 32K is enough).")] = 32768,
-    dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
+    dtype: Dtype = _E.dtype, device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
     quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT and write them for --evict triattention."""
     from openclaw.evict.calibrate import calibrate as run_calibration
     from openclaw.evict.calibrate import concentration, save_stats
 
-    model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT, verify)
+    model, tokenizer, name = _load(model_spec(model_arg, model), device, dtype, cache_dir, vram, quantize,
+                                   CALIBRATION_CONTEXT, verify)
     ids = _text_ids(tokenizer, text)[:tokens]
     if len(ids) < 1024:
         raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
@@ -120,7 +123,7 @@ EVAL_PROTECT_RECENT = 8
 @eval_app.command()
 def fidelity(
     text: Annotated[Path, typer.Option(help="Long evaluation text (disjoint from the calibration text).")],
-    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    model: Model = None,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "128,256,512",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
     stats: Stats = None, windows: Annotated[int, typer.Option(help="Windows of the text.")] = 8,
@@ -130,13 +133,14 @@ def fidelity(
     protect_recent: Protect = EVAL_PROTECT_RECENT,
     ablations: Annotated[bool, typer.Option(help="Add TriAttention trig-only and norm-only.")] = False,
     online: Annotated[bool, typer.Option(help="Add TriAttention with online statistics (--stats auto).")] = False,
-    json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
+    json_out: JsonOut = None, dtype: Dtype = _E.dtype, device: Device = _E.device,
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
     verify: Verify = _E.verify,
 ):
     """Chunked teacher forcing of TEXT against full attention: KL, top-1 agreement, perplexity per policy/budget."""
     from openclaw.eval.fidelity import evaluate, standard_runs, text_windows
 
+    model = model_spec(None, model)
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     if "triattention" in policy_list and stats is None:
         raise OpenClawError("--policies triattention needs --stats FILE (openclaw calibrate) or --stats auto")
@@ -168,12 +172,12 @@ def fidelity(
 @eval_app.command()
 def needle(
     filler: Annotated[Path, typer.Option(help="Filler text for the haystacks.")],
-    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    model: Model = None,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "256,512",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = "full,streaming,snapkv,rkv,h2o,triattention",
     stats: Stats = None, cases: Annotated[int, typer.Option(help="Haystacks (names, codes, filler offsets).")] = 8,
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
-    protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
+    protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = _E.dtype,
     device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
     quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
@@ -181,6 +185,7 @@ def needle(
     from openclaw.eval.fidelity import standard_runs
     from openclaw.eval.needle import build_cases, run_needles
 
+    model = model_spec(None, model)
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)

@@ -43,6 +43,7 @@ class Delta:
     input_error: bool = False  # the error is the request's own (an OpenClawError): a 4xx for the server
     kv_len: int = 0  # KV entries the sequence holds (prompt and output, less what was evicted)
     kv_capacity: int = 0  # pool slots it owns
+    evictions: int = 0  # times its KV was compressed to the eviction budget so far
 
 
 @dataclass
@@ -79,6 +80,11 @@ class LLM:
         """A Request for the reply to `messages`; think None leaves thinking to the template's default."""
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=think)
         return Request(self.tokenizer.encode(text), params, prompt_opens_thinking(text), think_budget)
+
+    def text_request(self, text: str, params: SamplingParams) -> Request:
+        """A Request that continues `text` as it stands, no chat template (a base model, `openclaw run --raw`): the
+        tokenizer's own special tokens (BOS) added, as llama.cpp and transformers do for a plain prompt."""
+        return Request(self.tokenizer.encode(text, add_special_tokens=True), params, split_reasoning=False)
 
     def streams(self) -> "Streams":
         return Streams(self)
@@ -210,7 +216,7 @@ class Streams:
 
 def _delta(key: int, seq: Sequence, text: str, reasoning: str) -> Delta:
     return Delta(key, text, len(seq.output_ids), seq.finish_reason if seq.finished else None, reasoning,
-                 seq.prompt_len, seq.error, seq.input_error, seq.kv_len, seq.capacity)
+                 seq.prompt_len, seq.error, seq.input_error, seq.kv_len, seq.capacity, seq.evictions)
 
 
 def _flush(live: _Live) -> tuple[str, str]:

@@ -65,6 +65,7 @@ class Scheduler:
     def compacted(self, seq: Sequence, kv_len: int) -> None:
         """The compressor kept kv_len of seq's cached entries, now at the front of its slots."""
         seq.kv_len = kv_len
+        seq.evictions += 1
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int], bad_row: str = "non-finite logits") -> list[Sequence]:
         """Append each sampled token; finish sequences that hit eos, a stop token or their length. A token of -1 (the

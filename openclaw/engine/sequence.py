@@ -35,6 +35,7 @@ class Sequence:
     input_error: bool = False  # the error is the request's own (an OpenClawError), not the engine's
     kv_budget: int | None = None  # with eviction: cached tokens kept after each compression
     divide_length: int = 128  # with eviction: compress when the cache reaches kv_budget + divide_length
+    evictions: int = 0  # compressions so far
 
     def __post_init__(self) -> None:
         if self.prompt_len is None:
