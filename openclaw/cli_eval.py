@@ -6,13 +6,17 @@ openclaw/eval/ (fidelity.py, needle.py).
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from openclaw.cli_options import (
     DEFAULT_CACHE,
@@ -103,7 +107,8 @@ def calibrate(
     if len(ids) < 1024:
         raise OpenClawError(f"the calibration text has {len(ids)} tokens; give at least 1024 (about 32K is best)")
     t0 = time.perf_counter()
-    qs = run_calibration(model, ids, CALIBRATION_CONTEXT)
+    with token_progress("calibrating") as progress:
+        qs = run_calibration(model, ids, CALIBRATION_CONTEXT, progress=progress)
     stats = qs.tri_stats(model.bands.omega)
     save_stats(out_path, stats, name, model.config.cache_shape()[0], qs.tokens, model.bands)
     report = concentration(stats)
@@ -155,8 +160,8 @@ def fidelity(
         raise OpenClawError(str(e))
     start = score_from if score_from is not None else max(budget_list) + base.divide_length
     t0 = time.perf_counter()
-    with err.status("") as status:
-        rows = evaluate(m, wins, runs, _stats(stats, m), start=start, progress=status.update)
+    with token_progress("full attention") as progress:
+        rows = evaluate(m, wins, runs, _stats(stats, m), start=start, progress=progress)
     table = Table("setting", "KL(full||ev)", "top-1", "ppl", "ppl full", "evictions")
     for r in rows:
         table.add_row(r.label, f"{r.kl:.4f}", f"{r.top1:.3f}", f"{r.ppl:.2f}", f"{r.ppl_full:.2f}", str(r.evictions))
@@ -193,8 +198,8 @@ def needle(
     m, tokenizer, _ = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024, verify)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
-    with err.status("") as status:
-        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=status.update)
+    with token_progress("no-needle control") as progress:
+        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=progress)
     table = Table("setting", "exact", "log p(answer)", "wrong name: exact", "wrong name: log p", "no needle: log p")
     for r in rows:
         table.add_row(r["label"], f"{r['exact']:.2f}", f"{r['logp']:.2f}", f"{r['wrong_name_exact']:.2f}",
@@ -212,3 +217,19 @@ def eviction_config(evict: str, kv_budget: int, stats: str | None, protect_recen
     """The EvictionConfig behind run/chat's --evict flags (validated there, so a bad value is one clear line)."""
     return replace(_V, policy=evict, budget=kv_budget, stats=stats, protect_recent=protect_recent,
                    pin_prompt=pin_prompt)
+
+
+class _TokenRate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "", style="progress.data.speed")
+
+
+@contextmanager
+def token_progress(what: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr for a long pass over text: tokens done of all, tokens/s and the time left. Yields the
+    progress(what, tokens done, tokens) callback the harnesses call."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), _TokenRate(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda text, done, total: bar.update(task, description=text, completed=done, total=total)

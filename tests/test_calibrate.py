@@ -56,8 +56,11 @@ def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
     reference = load_model(tmp_path / "ref", torch.device("cpu"), torch.float32)
     assert quantized.quantized and not hasattr(quantized.model.embed_tokens, "weight")
     ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(2)).tolist()
-    got, want = calibrate(quantized, ids, context=128, chunk=64), calibrate(reference, ids, context=128, chunk=64)
+    done = []
+    got = calibrate(quantized, ids, context=128, chunk=64, progress=lambda what, n, total: done.append((n, total)))
+    want = calibrate(reference, ids, context=128, chunk=64)
     assert got.tokens == want.tokens == len(ids)
+    assert done == [(n, 200) for n in (64, 128, 192, 200)]  # tokens done after each chunk: the progress bar's figures
     for a, b in ((got.re, want.re), (got.im, want.im), (got.abs, want.abs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     evict = EvictionConfig(policy="streaming", budget=64, protect_recent=8)

@@ -33,8 +33,13 @@ def test_budget_at_least_the_text_equals_full_attention_exactly(tiny):
     model = load_model(tiny, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     base = evict("full", 256, divide_length=32, stats="auto")
-    rows = evaluate(model, [ids, ids[::-1]], standard_runs(list(POLICIES), [256], base, ablations=True, online=True))
+    calls = []
+    rows = evaluate(model, [ids, ids[::-1]], standard_runs(list(POLICIES), [256], base, ablations=True, online=True),
+                    progress=lambda what, done, total: calls.append((what, done, total)))
     assert len(rows) == 1 + len(EVICTING) + 3
+    # the progress bar's figures: tokens forced so far, of full attention's pass plus each evicting run's, per window
+    assert calls[-1][1:] == (2 * 200 * len(rows), 2 * 200 * len(rows)) and calls[0][0].startswith("window 1/2")
+    assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:]))
     for r in rows:
         assert (r.kl, r.top1, r.evictions) == (0.0, 1.0, 0), r.label
         assert r.ppl == r.ppl_full

@@ -90,17 +90,23 @@ def compare(full: torch.Tensor, ev: torch.Tensor, targets: torch.Tensor) -> dict
 
 def evaluate(model: torch.nn.Module, windows: list[list[int]], runs: list[tuple[str, EvictionConfig]],
              stats: TriStats | None = None, start: int = 0, prompt_len: int = 0,
-             progress: Callable[[str], None] | None = None) -> list[Row]:
-    """One Row per (label, config) in runs, pooled over windows; full attention is the reference of each window."""
+             progress: Callable[[str, int, int], None] | None = None) -> list[Row]:
+    """One Row per (label, config) in runs, pooled over windows; full attention is the reference of each window.
+    progress(what, tokens done, tokens) after each forced pass over a window."""
     totals = {label: {"kl": 0.0, "top1": 0, "nll": 0.0, "nll_full": 0.0, "tokens": 0, "ev": 0, "per": []}
               for label, _ in runs}
+    passes = 1 + sum(cfg.evicts for _, cfg in runs)  # full attention once per window, then each evicting run
+    total, done = passes * sum(map(len, windows)), 0
     for w, ids in enumerate(windows):
         full, _ = forced_logprobs(model, ids, EvictionConfig(), start=start)
         targets = torch.tensor(ids[start + 1:])
+        done += len(ids)
         for label, cfg in runs:
-            if progress:
-                progress(f"window {w + 1}/{len(windows)}: {label}")
             ev, count = (full, 0) if not cfg.evicts else forced_logprobs(model, ids, cfg, stats, start, prompt_len)
+            if cfg.evicts:
+                done += len(ids)
+            if progress:
+                progress(f"window {w + 1}/{len(windows)}: {label}", done, total)
             c = compare(full, ev, targets)
             t = totals[label]
             for key in ("kl", "top1", "nll", "nll_full", "tokens"):

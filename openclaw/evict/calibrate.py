@@ -9,6 +9,7 @@ or evict (openclaw.evict.evictor does).
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,9 +171,11 @@ class StatsTaps:
 
 
 @torch.inference_mode()
-def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
+def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512,
+              progress: Callable[[str, int, int], None] | None = None) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
-    engine's scheduler and runner; accumulate pre-RoPE query stats."""
+    engine's scheduler and runner; accumulate pre-RoPE query stats. progress(what, tokens done, tokens) after each
+    chunk."""
     cfg, bands = model.config, model.bands
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
@@ -189,6 +192,8 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
             batch = scheduler.schedule()
             runner.step(batch, taps, rows=[])
             scheduler.advance(batch)
+            if progress:
+                progress("calibrating", start + seq.num_computed, len(ids))
         scheduler.finish(seq, "length")
     return stats
 
