@@ -223,9 +223,8 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
     llm = LLM(EngineConfig(model=str(smol_thinking_dir), device="cpu", kv_tokens=4096, max_seqs=4))
     server = make_server(llm, Api(llm, "smol-think", 40), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
-                               max_retries=0)
         r = client.chat.completions.create(model="smol-think", messages=STORY, temperature=0,
                                            extra_body={"thinking_budget": 6})
         msg = r.choices[0].message
@@ -257,6 +256,7 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
                                              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert "Paris" in off.choices[0].message.content
     finally:
+        client.close()  # its pooled connections (left open, they warned of an unclosed socket at exit)
         server.shutdown()
         server.loop.stop()
         server.server_close()
