@@ -29,7 +29,8 @@ class TypeAhead:
             return self
         self._saved = termios.tcgetattr(self.fd)
         quiet = termios.tcgetattr(self.fd)
-        quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflags; ISIG stays on, so Ctrl-C still stops the answer
+        quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflags; ISIG stays on, so Ctrl-C still stops the answer,
+        quiet[3] |= termios.NOFLSH  # and without throwing away what was typed before it
         termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
         return self
 

@@ -28,6 +28,8 @@ def test_typing_during_an_answer_is_not_echoed_and_comes_back():
             assert shown(master) == b""  # nothing lands inside the answer
         assert keys.text == "next quéstion"
         assert termios.tcgetattr(slave) == before  # the terminal is left as it was found
+        with TypeAhead(slave):
+            assert termios.tcgetattr(slave)[3] & termios.NOFLSH  # Ctrl-C (SIGINT) keeps what was typed before it
     finally:
         os.close(master)
         os.close(slave)
