@@ -31,6 +31,7 @@ from openclaw.cli_options import (
 )
 from openclaw.config import BenchConfig, EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
+from openclaw.weights.hub import check_spec
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -70,6 +71,9 @@ def bench(
     = _V.pin_prompt,
 ):
     """Prefill and decode tokens/s (batch sizes, contexts, eviction settings) and peak GPU memory."""
+    spec = model_spec(model_arg, model)
+    if not random_weights:
+        check_spec(spec)  # an unknown name is refused before torch's import
     import torch
 
     from openclaw.engine.engine import Engine, pick_device
@@ -77,7 +81,6 @@ def bench(
     from openclaw.weights.hub import load_quantize, manifest_entry, resolve_model
     from openclaw.weights.synthetic import loaded_format, synthetic_dir
 
-    spec = model_spec(model_arg, model)
     dev = pick_device(device)
     cfg = BenchConfig(_ints(prompt_lengths), _ints(contexts), _ints(batch_sizes), steps, reps,
                       random_weights).for_device(dev.type == "cuda")

@@ -32,6 +32,7 @@ from openclaw.cli_options import (
 )
 from openclaw.config import EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
+from openclaw.weights.hub import check_spec
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure eviction quality against full attention.")
 err = Console(stderr=True, highlight=False)
@@ -47,6 +48,7 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the row
 def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
           verify: bool = _E.verify):
     """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
+    check_spec(model)  # an unknown name is refused before torch's import
     import torch
 
     from openclaw.engine.engine import pick_device, plan_and_load, resolve_dtype
