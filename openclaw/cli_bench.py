@@ -26,6 +26,7 @@ from openclaw.cli_options import (
     ModelArg,
     Quantize,
     Threads,
+    Verify,
     Vram,
     model_spec,
 )
@@ -60,7 +61,7 @@ def bench(
     max_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together at most (default: the largest "
                                                       "batch size).")] = None,
     threads: Threads = _E.threads, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = None,
-    quantize: Quantize = _E.quantize,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
     evict: Annotated[str, typer.Option(
         help="KV eviction: full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
     = _V.policy,
@@ -86,7 +87,8 @@ def bench(
                       random_weights).for_device(dev.type == "cuda")
     policies = [eviction_config(p, kv_budget, stats, protect_recent, pin_prompt) for p in _csv(evict)]
     base = EngineConfig(model=spec, device=device, dtype=dtype, kv_tokens=kv_tokens, vram=vram, quantize=quantize,
-                        max_seqs=max_seqs or max(cfg.batch_sizes), threads=threads, cache_dir=cache_dir)
+                        max_seqs=max_seqs or max(cfg.batch_sizes), threads=threads, cache_dir=cache_dir,
+                        verify=verify)
     quantize = load_quantize(spec, base.quantize, dev.type == "cuda")
     base = replace(base, quantize=quantize)
     if random_weights:
@@ -97,7 +99,7 @@ def bench(
         model_dir = synthetic_dir(base.cache_dir, f"{entry.name}-{fmt.replace('>', '')}", entry.raw_config, fmt)
         name = f"{entry.name} (random weights, {fmt})"
     else:
-        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4")
+        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4", verify=base.verify)
         name = model_dir.name
     result = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
               "torch": torch.__version__, "config": asdict(cfg), "runs": []}
