@@ -147,6 +147,8 @@ def run(
             raise OpenClawError("--out is where --jsonl writes its answers; a single PROMPT's answer goes to stdout")
         spec = model_spec(args[0] if len(args) == 2 else None, model)
         text = read_prompt(args[-1])
+    if raw:
+        _plain_text_only(system, think, think_budget)
     config = _engine_config(spec, device, dtype, kv_tokens, max_seqs, threads, cache_dir, vram, quantize, verify)
     config.evict = eviction_config(evict, kv_budget, stats, protect_recent, pin_prompt)
     llm = _load(config)
@@ -155,9 +157,7 @@ def run(
     if raw or llm.tokenizer.chat_template is None:
         err.print(f"[dim]{'--raw' if raw else f'{llm.model_dir.name} has no chat template'}: the prompt is continued "
                   "as plain text[/dim]", soft_wrap=True)
-        if system or think is not None or think_budget is not None:
-            raise OpenClawError("--system, --think and --think-budget need the chat template; leave them out with a "
-                                "plain-text prompt")
+        _plain_text_only(system, think, think_budget)
         request = llm.text_request(text, params)
     else:
         request = llm.chat_request(_messages(system, text), params, think, think_budget)
@@ -182,6 +182,12 @@ def run(
     kv = eviction_summary(config.evict, evictions, kv_len, len(request.prompt_ids) + n)
     err.print(f"[dim]{len(request.prompt_ids)} prompt tokens, {n} generated ({reason}); "
               f"first token {((first or end) - t0) * 1000:.0f} ms{decode}{kv}[/dim]", soft_wrap=True)
+
+
+def _plain_text_only(system: str | None, think: bool | None, think_budget: int | None) -> None:
+    if system or think is not None or think_budget is not None:
+        raise OpenClawError("--system, --think and --think-budget need the chat template; leave them out with a "
+                            "plain-text prompt")
 
 
 def eviction_summary(evict: EvictionConfig, evictions: int, kv_len: int, tokens: int) -> str:

@@ -81,6 +81,7 @@ def test_version_and_argument_errors_come_before_loading(tmp_path):
         (["Qwen3-8B", tmp_path / "p.txt", "--model", "Qwen3-32B"], "two models given"),
         ([tmp_path / "p.txt", "--threads", "0"], "--threads 0 must be >= 1"),
         ([], "give a PROMPT file (or - for stdin)"),
+        ([tmp_path / "p.txt", "--raw", "--system", "Be brief."], "need the chat template"),
     ]:
         _, e = invoke("run", *args, "--cache-dir", tmp_path)
         assert isinstance(e, OpenClawError) and needle in str(e), (args, e)
