@@ -11,7 +11,7 @@ import sys
 import pytest
 import typer.main
 from openclaw.models import FAMILIES
-from test_cli import openclaw, tiny_dir
+from test_cli import tiny_dir
 from typer.testing import CliRunner
 
 from openclaw.cli import app, eviction_summary
@@ -143,14 +143,17 @@ def test_run_continues_a_plain_prompt_and_counts_evictions(plain_model, tmp_path
 
 
 @pytest.mark.slow
-def test_a_prompt_from_stdin(tmp_path, smollm2_gguf):
-    r = subprocess.run([sys.executable, "-m", "openclaw", "run", "-", "--model", smollm2_gguf, "--temperature", "0",
-                        "--max-tokens", "16"], check=False, input="What is the capital of France?\n", capture_output=True,
-                       text=True, timeout=300, env={"OPENCLAW_CACHE": str(tmp_path), "HOME": str(tmp_path),
-                                                    "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+def test_a_prompt_from_stdin(tmp_path, smol_model_dir):
+    def run(text: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "openclaw", "run", "-", "--model", smol_model_dir, "--temperature",
+                               "0", "--max-tokens", "16"], check=False, input=text, capture_output=True, text=True,
+                              timeout=300, env={"OPENCLAW_CACHE": str(tmp_path), "HOME": str(tmp_path),
+                                                "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+
+    r = run("What is the capital of France?\n")
     assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
-    r = openclaw("run", "-", "--model", smollm2_gguf, cache=tmp_path, timeout=120)  # stdin empty
-    assert r.returncode == 2 and "stdin is empty" in r.stderr
+    r = run("  \n")
+    assert r.returncode == 2 and "stdin is empty" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_plan_plans_what_the_loader_loads_and_refuses_the_rest(tmp_path):
