@@ -16,11 +16,17 @@ TP_TOKENS=${TP_TOKENS:-8192}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import openclaw.kernels" 2>/dev/null; then
+    # the package from a directory outside the repository: tests/conftest.py drops the repository root from sys.path
     [ -e openclaw/kernels ] || ln -s ../kernels openclaw/kernels
     [ -e openclaw/models ] || ln -s ../models openclaw/models
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    PKG=$(mktemp -d)
+    ln -s "$PWD/openclaw" "$PKG/openclaw"
+    export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+# the test files with GPU tests (the others are CPU-only and some need packages the device image lacks)
+GPU_TESTS="test_decode_ops test_fidelity test_graphs test_kv_compact test_moe_gemv test_qgemm test_qlinear
+ test_quant_model test_query_stats test_sampler test_tri_score test_mla_attention"
 
 stage() {  # name, command...: the command's output to the console and $OUT/name.log, its time on the console
     local name=$1
@@ -35,7 +41,8 @@ for s in "$@"; do
     case $s in
         env) stage env bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
              python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
-        tests) stage tests python3 -m pytest -m gpu -q -p no:cacheprovider tests ;;
+        tests) stage tests bash -c "cd tests && python3 -m pytest -m gpu -q -p no:cacheprovider \
+               $(for t in $GPU_TESTS; do printf '%s.py ' "$t"; done)" ;;
         decode) stage decode python3 bench/gpu_decode.py --vram "$VRAM" --json "$OUT/decode.json" ;;
         trace-offline|trace-auto|trace-full)
             stage "$s" python3 bench/gpu_trace.py --vram "$VRAM" --tokens "$TRACE_TOKENS" --mode "${s#trace-}" \

@@ -32,7 +32,9 @@ def offline_stats(engine: Engine, tokens: int, path: Path) -> float:
     t0 = time.perf_counter()
     mc = engine.model.config
     ids = torch.randint(0, mc.vocab_size, (tokens,), generator=torch.Generator().manual_seed(3)).tolist()
-    stats = calibrate(engine.model, ids, context=min(4096, tokens), chunk=engine.config.max_batch_tokens)
+    # contexts of 1,024 tokens in chunks of 256: calibration's own KV pool and activations must fit beside the
+    # engine's, which took the cap (4,096-token contexts in the engine's chunk size ran out of memory on an H100)
+    stats = calibrate(engine.model, ids, context=min(1024, tokens), chunk=256)
     save_stats(path, stats.tri_stats(engine.model.bands.omega), model_metadata(engine.model, "bench"), stats.tokens)
     return time.perf_counter() - t0
 

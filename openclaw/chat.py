@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from rich.table import Table
 from openclaw.config import SamplingParams
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM
+from openclaw.typeahead import TypeAhead
 
 HELP = [
     ("/think on|off", "Qwen3-style thinking on or off (the template's switch)"),
@@ -61,6 +63,7 @@ class Chat:
     generated: int = 0
     evicted: bool = False  # the user has been told that eviction started
     _stop: bool = False
+    _typed: str = ""  # typed while the last answer streamed: the next prompt starts with it
 
 
     def run(self) -> None:
@@ -94,7 +97,7 @@ class Chat:
 
     def read(self) -> str:
         """One message: a trailing backslash continues the line; \"\"\" opens a block closed by \"\"\"."""
-        line = input(_prompt("> ", "1;32"))
+        line = self._first_line()
         if line.strip().startswith('"""'):
             lines, line = [], line.strip()[3:]
             while not line.rstrip().endswith('"""'):
@@ -108,6 +111,17 @@ class Chat:
             line = input(_prompt("… ", "2"))
         return "\n".join([*lines, line])
 
+
+    def _first_line(self) -> str:
+        typed, self._typed = self._typed, ""
+        readline = sys.modules.get("readline")
+        if not typed or readline is None:
+            return input(_prompt("> ", "1;32"))
+        readline.set_startup_hook(lambda: readline.insert_text(typed))  # editable, as if typed at the prompt
+        try:
+            return input(_prompt("> ", "1;32"))
+        finally:
+            readline.set_startup_hook(None)
 
     def conversation(self, messages: list[dict] | None = None) -> list[dict]:
         """The system message (if any) and these messages (default: the whole conversation)."""
@@ -186,31 +200,36 @@ class Chat:
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         t0 = time.perf_counter()
         first = None
+        keys = TypeAhead(sys.stdin.fileno()) if sys.stdin.isatty() else None
         try:
-            while streams and not self._stop:
-                for d in streams.step():
-                    if first is None:
-                        first = time.perf_counter()
-                    if d.reasoning:
-                        if not reasoning:
-                            self.out.print("thinking: ", style="dim italic", end="")
-                        self.out.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
-                        reasoning += d.reasoning
-                    if d.text:
-                        if reasoning and not answer:
-                            self.out.print("\n")
-                        self.out.print(d.text, end="", markup=False, highlight=False)
-                        answer += d.text
-                    stats.completion_tokens = d.completion_tokens
-                    stats.kv_len, stats.kv_capacity = d.kv_len, d.kv_capacity
-                    stats.eviction = d.eviction
-                    if d.finish_reason:
-                        stats.finish_reason = d.finish_reason
-                    if d.error:
-                        error = d.error
+            with keys or nullcontext():
+                while streams and not self._stop:
+                    for d in streams.step():
+                        if self._stop:  # Ctrl-C came during this step: no more of the answer is shown
+                            break
+                        if first is None:
+                            first = time.perf_counter()
+                        if d.reasoning:
+                            if not reasoning:
+                                self.out.print("thinking: ", style="dim italic", end="")
+                            self.out.print(d.reasoning, style="dim", end="", markup=False, highlight=False)
+                            reasoning += d.reasoning
+                        if d.text:
+                            if reasoning and not answer:
+                                self.out.print("\n")
+                            self.out.print(d.text, end="", markup=False, highlight=False)
+                            answer += d.text
+                        stats.completion_tokens = d.completion_tokens
+                        stats.kv_len, stats.kv_capacity = d.kv_len, d.kv_capacity
+                        stats.eviction = d.eviction
+                        if d.finish_reason:
+                            stats.finish_reason = d.finish_reason
+                        if d.error:
+                            error = d.error
         finally:
             streams.close()
             signal.signal(signal.SIGINT, previous)
+            self._typed = keys.text if keys else ""
         end = time.perf_counter()
         self.out.print()
         if error:

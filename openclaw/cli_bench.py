@@ -16,13 +16,27 @@ from rich.console import Console
 from rich.table import Table
 
 from openclaw.cli_eval import _csv, eviction_config
-from openclaw.config import BenchConfig, EngineConfig, EvictionConfig, default_cache_dir
+from openclaw.cli_options import (
+    DEFAULT_CACHE,
+    CacheDir,
+    Device,
+    Dtype,
+    KvTokens,
+    Model,
+    ModelArg,
+    Quantize,
+    Threads,
+    Verify,
+    Vram,
+    model_spec,
+)
+from openclaw.config import BenchConfig, EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
+from openclaw.weights.hub import check_spec
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 _E, _V, _B = EngineConfig(), EvictionConfig(), BenchConfig()
-DEFAULT_CACHE = default_cache_dir()
 
 
 def _ints(values: str | None) -> list[int]:
@@ -30,9 +44,7 @@ def _ints(values: str | None) -> list[int]:
 
 
 def bench(
-    model_arg: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="Manifest name, directory or .gguf.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Manifest name, HF model directory, or .gguf file.")]
-    = _E.model,
+    model_arg: ModelArg = None, model: Model = None,
     random_weights: Annotated[bool, typer.Option(
         help="Random weights of a manifest model's real shapes in its format's layout: nothing is downloaded (speed "
              "does not depend on the values).")] = _B.random_weights,
@@ -45,31 +57,25 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed decode steps per figure.")] = _B.steps,
     reps: Annotated[int, typer.Option(help="Best of this many runs (after a warm-up run).")] = _B.reps,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = _E.device,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float16 on CPU), bfloat16, float16 or float32.")]
-    = _E.dtype,
-    kv_tokens: Annotated[int | None, typer.Option(
-        help="KV pool size in tokens (default: what --vram leaves on a GPU; 32768 on a CPU).")] = _E.kv_tokens,
+    device: Device = _E.device, dtype: Dtype = _E.dtype, kv_tokens: KvTokens = _E.kv_tokens,
     max_seqs: Annotated[int | None, typer.Option(help="Sequences decoded together at most (default: the largest "
                                                       "batch size).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")] = _E.threads,
-    cache_dir: Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
-    = DEFAULT_CACHE,
-    vram: Annotated[float | None, typer.Option(
-        help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")] = None,
-    quantize: Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")] = _E.quantize,
-    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
-                                         "loading (file sizes are always checked).")] = _E.verify,
+    threads: Threads = _E.threads, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = None,
+    quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
     evict: Annotated[str, typer.Option(
         help="KV eviction: auto, full, streaming, snapkv, rkv, h2o, triattention; comma-separated to compare several.")]
     = _V.policy,
-    kv_budget: Annotated[int, typer.Option(help="KV entries kept per sequence when evicting.")] = _V.budget,
+    kv_budget: Annotated[int | None, typer.Option(help="KV entries kept per sequence when evicting (default: what the "
+                                                    "pool gives each sequence).")] = _V.budget,
     stats: Annotated[str | None, typer.Option("--stats", help="TriAttention stats file or auto.")] = None,
     protect_recent: Annotated[int, typer.Option(help="Most recent tokens never evicted.")] = _V.protect_recent,
     pin_prompt: Annotated[bool, typer.Option("--pin-prompt/--no-pin-prompt", help="Never evict prompt tokens.")]
     = _V.pin_prompt,
 ):
     """Prefill and decode tokens/s (batch sizes, contexts, eviction settings) and peak GPU memory."""
+    spec = model_spec(model_arg, model)
+    if not random_weights:
+        check_spec(spec)  # an unknown name is refused before torch's import
     import torch
 
     from openclaw.engine.engine import Engine, pick_device
@@ -77,13 +83,13 @@ def bench(
     from openclaw.weights.hub import load_quantize, manifest_entry, resolve_model
     from openclaw.weights.synthetic import loaded_format, synthetic_dir
 
-    spec = model_arg or model
     dev = pick_device(device)
     cfg = BenchConfig(_ints(prompt_lengths), _ints(contexts), _ints(batch_sizes), steps, reps,
                       random_weights).for_device(dev.type == "cuda")
     policies = [eviction_config(p, kv_budget, stats, protect_recent, pin_prompt) for p in _csv(evict)]
     base = EngineConfig(model=spec, device=device, dtype=dtype, kv_tokens=kv_tokens, vram=vram, quantize=quantize,
-                        max_seqs=max_seqs or max(cfg.batch_sizes), threads=threads, cache_dir=cache_dir)
+                        max_seqs=max_seqs or max(cfg.batch_sizes), threads=threads, cache_dir=cache_dir,
+                        verify=verify)
     quantize = load_quantize(spec, base.quantize, dev.type == "cuda")
     base = replace(base, quantize=quantize)
     if random_weights:
@@ -94,7 +100,7 @@ def bench(
         model_dir = synthetic_dir(base.cache_dir, f"{entry.name}-{fmt.replace('>', '')}", entry.raw_config, fmt)
         name = f"{entry.name} (random weights, {fmt})"
     else:
-        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4", verify=verify)
+        model_dir = resolve_model(spec, base.cache_dir, quantized=quantize == "nf4", verify=base.verify)
         name = model_dir.name
     result = {"model": name, "date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(),
               "torch": torch.__version__, "config": asdict(cfg), "runs": []}

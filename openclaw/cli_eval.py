@@ -6,41 +6,49 @@ openclaw/eval/ (fidelity.py, needle.py).
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from openclaw.config import EngineConfig, EvictionConfig, default_cache_dir
+from openclaw.cli_options import (
+    DEFAULT_CACHE,
+    CacheDir,
+    Device,
+    Dtype,
+    Model,
+    ModelArg,
+    Quantize,
+    Verify,
+    Vram,
+    model_spec,
+)
+from openclaw.config import EngineConfig, EvictionConfig
 from openclaw.errors import OpenClawError
+from openclaw.weights.hub import check_spec
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure eviction quality against full attention.")
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 _E, _V = EngineConfig(), EvictionConfig()
-DEFAULT_CACHE = default_cache_dir()
-CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where models and conversions are kept.")]
-Dtype = Annotated[str, typer.Option(help="Model dtype: float32, bfloat16 (fast on CPUs with bf16), float16.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Stats = Annotated[str | None, typer.Option(help="TriAttention stats file (openclaw calibrate), or auto.")]
 Protect = Annotated[int, typer.Option(help="Most recent tokens never evicted.")]
 CALIBRATION_CONTEXT = 4096  # tokens per independent calibration context (the KV pool calibrate allocates)
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")]
 
 
-Vram = Annotated[float | None, typer.Option(
-    help="GiB of GPU memory OpenClaw may use, a hard cap (default: the card's total; ignored on a CPU).")]
-Quantize = Annotated[str, typer.Option(help="auto, none or nf4, as for `openclaw run`.")]
-Verify = Annotated[bool, typer.Option("--verify", help="Hash every file of a converted or pulled model before "
-                                      "loading, as for `openclaw run`.")]
-
 
 def _load(model: str, device: str, dtype: str, cache_dir: Path, vram: float | None, quantize: str, kv_tokens: int,
           verify: bool = _E.verify):
     """(model, tokenizer, name), loaded as the engine loads it: under the VRAM plan for kv_tokens on a GPU."""
+    check_spec(model)  # an unknown name is refused before torch's import
     import torch
 
     from openclaw.engine.engine import pick_device, plan_and_load, resolve_dtype
@@ -117,7 +125,7 @@ def _traces(model: str, device: str, dtype: str, cache_dir: Path, vram, quantize
 
 
 def calibrate(
-    model_arg: Annotated[str, typer.Argument(metavar="MODEL", help="Manifest name, HF model directory, or .gguf.")],
+    model_arg: ModelArg = None,
     text: Annotated[list[Path] | None, typer.Option(help="Calibration text file(s); repeat the option.")] = None,
     generate: Annotated[int | None, typer.Option(help="Calibrate on the model's own generations: this many tokens "
                                                       "in all, spread over the prompts.")] = None,
@@ -126,7 +134,8 @@ def calibrate(
                                                                "of adding to the model's online statistics in the "
                                                                "cache (what --evict auto warm-starts from).")] = None,
     tokens: Annotated[int, typer.Option(help="Calibration tokens of --text at most (about 32K is enough).")] = 32768,
-    dtype: Dtype = "float32", device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
+    model: Model = None, dtype: Dtype = _E.dtype, device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE,
+    vram: Vram = _E.vram,
     quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
     """Capture pre-RoPE query statistics of MODEL over TEXT or its own generations, for TriAttention."""
@@ -142,14 +151,15 @@ def calibrate(
         raise OpenClawError("give --text FILE (repeatable) or --generate N, one of them")
     if generate is not None and generate < 1:
         raise OpenClawError(f"--generate {generate} must be >= 1")
+    spec = model_spec(model_arg, model)
     t0 = time.perf_counter()
     if generate is not None:
         texts = read_prompts(prompts)
-        llm, traces = _traces(model_arg, device, dtype, cache_dir, vram, quantize, texts,
+        llm, traces = _traces(spec, device, dtype, cache_dir, vram, quantize, texts,
                               math.ceil(generate / len(texts)), verify)
         model, name = llm.engine.model, llm.model_dir.name
     else:
-        model, tokenizer, name = _load(model_arg, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT,
+        model, tokenizer, name = _load(spec, device, dtype, cache_dir, vram, quantize, CALIBRATION_CONTEXT,
                                        verify)
         traces = [_text_ids(tokenizer, text)[:tokens]]
         if len(traces[0]) < 1024:
@@ -157,8 +167,12 @@ def calibrate(
                                 "best)")
     mc = model.config
     qs = QueryStats(mc.num_hidden_layers, mc.num_attention_heads, model.bands.width, blocks=model.bands.blocks)
-    for ids in traces:
-        qs.merge(run_calibration(model, ids, CALIBRATION_CONTEXT))
+    total, before = sum(map(len, traces)), 0
+    with token_progress("calibrating") as progress:
+        for ids in traces:
+            qs.merge(run_calibration(model, ids, CALIBRATION_CONTEXT,
+                                     progress=lambda what, done, _, b=before: progress(what, b + done, total)))
+            before += len(ids)
     meta = model_metadata(model, name)
     if out_path is not None:
         save_stats(out_path, qs.tri_stats(model.bands.omega), meta, qs.tokens)
@@ -187,8 +201,7 @@ EVAL_PROTECT_RECENT = 8
 @eval_app.command()
 def fidelity(
     text: Annotated[Path | None, typer.Option(help="Long evaluation text (disjoint from the calibration text).")] = None,
-    generate: Generate = None, prompts: Prompts = None,
-    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    generate: Generate = None, prompts: Prompts = None, model: Model = None,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "128,256,512",
     policies: Annotated[str, typer.Option(help="Comma-separated policies (auto: as run/chat/serve ship it, "
                                                "warm-started from the cache's statistics).")] = POLICY_LIST,
@@ -200,7 +213,7 @@ def fidelity(
     ablations: Annotated[bool, typer.Option(help="Add TriAttention's ablations: trig-only, norm-only, union and "
                                                  "per-layer selection, disable_mlr.")] = False,
     online: Annotated[bool, typer.Option(help="Add TriAttention with cold online statistics.")] = False,
-    json_out: JsonOut = None, dtype: Dtype = "bfloat16", device: Device = _E.device,
+    json_out: JsonOut = None, dtype: Dtype = _E.dtype, device: Device = _E.device,
     cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram, quantize: Quantize = _E.quantize,
     verify: Verify = _E.verify,
 ):
@@ -209,6 +222,7 @@ def fidelity(
     from openclaw.eval.fidelity import evaluate, standard_runs, text_windows
     from openclaw.eval.traces import greedy_agreement, read_prompts, trace_prompt
 
+    model = model_spec(None, model)
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     if (text is None) == (generate is None):
         raise OpenClawError("give --text FILE or --generate N (the model's own traces), one of them")
@@ -236,9 +250,10 @@ def fidelity(
                             "use longer windows (--window-len, --generate) or a smaller --score-from")
     tri, warm = _stats(stats, m), _warm(m, name, cache_dir)
     t0 = time.perf_counter()
+    with token_progress("full attention") as progress:
+        rows = evaluate(m, wins, runs, tri, start=start, progress=progress, online=warm)
+    agree = {}
     with err.status("") as status:
-        rows = evaluate(m, wins, runs, tri, start=start, progress=status.update, online=warm)
-        agree = {}
         if generate is not None:
             evicting = [(label, cfg) for label, cfg in runs if cfg.evicts]
             for i, prompt in enumerate(texts):
@@ -265,12 +280,12 @@ def fidelity(
 @eval_app.command()
 def needle(
     filler: Annotated[Path, typer.Option(help="Filler text for the haystacks.")],
-    model: Annotated[str, typer.Option("--model", "-m")] = _E.model,
+    model: Model = None,
     budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "256,512",
     policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = POLICY_LIST,
     stats: Stats = None, cases: Annotated[int, typer.Option(help="Haystacks (names, codes, filler offsets).")] = 8,
     dormancy: Annotated[int, typer.Option(help="Filler tokens between the needle and the question.")] = 1024,
-    protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = "bfloat16",
+    protect_recent: Protect = EVAL_PROTECT_RECENT, json_out: JsonOut = None, dtype: Dtype = _E.dtype,
     device: Device = _E.device, cache_dir: CacheDir = DEFAULT_CACHE, vram: Vram = _E.vram,
     quantize: Quantize = _E.quantize, verify: Verify = _E.verify,
 ):
@@ -278,6 +293,7 @@ def needle(
     from openclaw.eval.fidelity import standard_runs
     from openclaw.eval.needle import build_cases, run_needles
 
+    model = model_spec(None, model)
     budget_list, policy_list = _csv(budgets, int), _csv(policies)
     base = EvictionConfig(policy="full", budget=min(budget_list), protect_recent=protect_recent, pin_prompt=False,
                           stats=stats)
@@ -285,9 +301,8 @@ def needle(
     m, tokenizer, name = _load(model, device, dtype, cache_dir, vram, quantize, dormancy + 1024, verify)
     case_list = build_cases(tokenizer, _text_ids(tokenizer, [filler]), cases, dormancy=dormancy)
     t0 = time.perf_counter()
-    with err.status("") as status:
-        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=status.update,
-                           online=_warm(m, name, cache_dir))
+    with token_progress("no-needle control") as progress:
+        rows = run_needles(m, case_list, runs, _stats(stats, m), progress=progress, online=_warm(m, name, cache_dir))
     table = Table("setting", "exact", "log p(answer)", "wrong name: exact", "wrong name: log p", "no needle: log p")
     for r in rows:
         table.add_row(r["label"], f"{r['exact']:.2f}", f"{r['logp']:.2f}", f"{r['wrong_name_exact']:.2f}",
@@ -305,3 +320,19 @@ def eviction_config(evict: str, kv_budget: int, stats: str | None, protect_recen
     """The EvictionConfig behind run/chat's --evict flags (validated there, so a bad value is one clear line)."""
     return replace(_V, policy=evict, budget=kv_budget, stats=stats, protect_recent=protect_recent,
                    pin_prompt=pin_prompt)
+
+
+class _TokenRate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "", style="progress.data.speed")
+
+
+@contextmanager
+def token_progress(what: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr for a long pass over text: tokens done of all, tokens/s and the time left. Yields the
+    progress(what, tokens done, tokens) callback the harnesses call."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), _TokenRate(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda text, done, total: bar.update(task, description=text, completed=done, total=total)

@@ -5,6 +5,7 @@ the PyPI default), openclaw/weights/download.py (hub downloads) and openclaw/eng
 the fit columns).
 """
 
+import glob
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +27,7 @@ CacheDir = Annotated[Path, typer.Option(envvar="OPENCLAW_CACHE", help="Where mod
 
 
 def pull(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="A model name from `openclaw models`.")],
+    name: Annotated[str, typer.Argument(metavar="MODEL", help="A model name from `openclaw models`.")],
     cache_dir: CacheDir = DEFAULT_CACHE,
 ):
     """Download a model named in the manifest (resumable, every file verified), ready for --model NAME."""
@@ -107,6 +108,10 @@ def models(
 
 
 def _gpu_total() -> int | None:
+    """This GPU's memory, or None without one; a machine without a GPU driver's device files (NVIDIA's, or ROCm's
+    /dev/kfd) has none, and is told so without importing torch (seconds on a busy machine)."""
+    if not (glob.glob("/dev/nvidia[0-9]*") or Path("/dev/kfd").exists()):
+        return None
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None

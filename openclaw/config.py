@@ -184,6 +184,8 @@ class EngineConfig:
         _check(self.vram is None or self.vram > 0, f"--vram {self.vram} GiB must be > 0")
         _check(self.quantize in QUANTIZE, f"--quantize {self.quantize!r} must be one of {', '.join(QUANTIZE)}")
         _check(self.max_seqs >= 1, f"--max-seqs {self.max_seqs} must be >= 1")
+        _check(self.threads is None or self.threads >= 1,
+               f"--threads {self.threads} must be >= 1 (leave it out for one per core)")
         _check(self.max_batch_tokens >= 16, f"max_batch_tokens {self.max_batch_tokens} must be >= 16")
         _check(self.max_seqs <= self.max_batch_tokens, f"--max-seqs {self.max_seqs} must be <= max_batch_tokens "
                f"{self.max_batch_tokens} (every decoding sequence takes one token of a step)")

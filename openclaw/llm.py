@@ -44,6 +44,7 @@ class Delta:
     kv_len: int = 0  # KV entries the sequence holds (prompt and output, less what was evicted)
     kv_capacity: int = 0  # pool slots it owns
     eviction: str | None = None  # once the sequence has evicted: one line on when and how (LLM.eviction_note)
+    evictions: int = 0  # times its KV was compressed to the eviction budget so far
 
 
 @dataclass
@@ -97,6 +98,10 @@ class LLM:
         name = "TriAttention" if ev.scorer == "triattention" else ev.scorer
         return (f"KV range of {seq.capacity} slots full after {seq.first_eviction:,} tokens: {name} eviction took "
                 f"over, keeping {ev.budget} entries{stats} ({seq.evictions} compressions so far)")
+    def text_request(self, text: str, params: SamplingParams) -> Request:
+        """A Request that continues `text` as it stands, no chat template (a base model, `openclaw run --raw`): the
+        tokenizer's own special tokens (BOS) added, as llama.cpp and transformers do for a plain prompt."""
+        return Request(self.tokenizer.encode(text, add_special_tokens=True), params, split_reasoning=False)
 
     def streams(self) -> "Streams":
         return Streams(self)
@@ -228,7 +233,7 @@ class Streams:
 
 def _delta(key: int, seq: Sequence, text: str, reasoning: str, eviction: str | None) -> Delta:
     return Delta(key, text, len(seq.output_ids), seq.finish_reason if seq.finished else None, reasoning,
-                 seq.prompt_len, seq.error, seq.input_error, seq.kv_len, seq.capacity, eviction)
+                 seq.prompt_len, seq.error, seq.input_error, seq.kv_len, seq.capacity, eviction, seq.evictions)
 
 
 def _flush(live: _Live) -> tuple[str, str]:

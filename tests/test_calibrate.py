@@ -58,8 +58,11 @@ def test_calibration_and_forced_logprobs_on_a_quantized_model(tmp_path):
     reference = load_model(tmp_path / "ref", torch.device("cpu"), torch.float32)
     assert quantized.quantized and not hasattr(quantized.model.embed_tokens, "weight")
     ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(2)).tolist()
-    got, want = calibrate(quantized, ids, context=128, chunk=64), calibrate(reference, ids, context=128, chunk=64)
+    done = []
+    got = calibrate(quantized, ids, context=128, chunk=64, progress=lambda what, n, total: done.append((n, total)))
+    want = calibrate(reference, ids, context=128, chunk=64)
     assert got.tokens == want.tokens == len(ids)
+    assert done == [(n, 200) for n in (64, 128, 192, 200)]  # tokens done after each chunk: the progress bar's figures
     for a, b in ((got.re, want.re), (got.im, want.im), (got.abs, want.abs)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     evict = EvictionConfig(policy="streaming", budget=64, protect_recent=8)
@@ -158,9 +161,12 @@ class Payload:
 def test_files_that_need_code_to_load_are_refused(tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"metadata": Payload()}, f, protocol=2)
-    with pytest.raises(OpenClawError, match="not a loadable stats file") as e:
-        load_stats(tmp_path / "evil.pt", meta(), OMEGA)
-    assert "\n" not in str(e.value)  # torch's refusal runs over five lines
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file" * 8)
+    for name in ("evil.pt", "junk.pt"):
+        with pytest.raises(OpenClawError, match="is not a stats file") as e:
+            load_stats(tmp_path / name, meta(), OMEGA)
+        assert "\n" not in str(e.value)  # torch's refusal runs over five lines
+        assert "weights_only" not in str(e.value)  # torch's advice (weights_only=False) would run the file's code
     with pytest.raises(OpenClawError, match="does not exist"):
         load_stats(tmp_path / "missing.pt", meta(), OMEGA)
 

@@ -125,9 +125,12 @@ def test_chat_turns_commands_ctrl_c_and_ctrl_d(smol_model_dir, chat_env, tmp_pat
         term.send("Write a very long story about a dragon who collects teapots.\r")
         term.expect(r"teapots\.\n")  # the terminal echoed the message; now the answer streams
         assert len(term.expect(r"(\w+\W+){6}").split()) >= 6
+        term.send("typed ahead")  # typed during the answer: kept out of it, waiting at the next prompt
+        time.sleep(0.3)
         term.send("\x03")
-        stopped = term.expect(PROMPT, timeout=30)
-        assert "(stopped)" in stopped
+        stopped = term.expect(r"\n> typed ahead$", timeout=30)
+        assert "(stopped)" in stopped and stopped.count("typed ahead") == 1, stopped
+        term.send("\x15")  # Ctrl-U: readline clears the line
         term.send("/stats\r")
         m = re.search(r"last answer\s+(\d+) tokens \(abort\)", term.expect(PROMPT))
         assert m and 6 <= int(m.group(1)) < 64, m  # stopped mid-answer, well before --max-tokens
@@ -239,12 +242,44 @@ def test_a_session_longer_than_the_kv_pool_keeps_going(smol_model_dir, evict):
     for i in range(2):
         chat.turn(f"Here is a fact about the number {i + 3}: it is a number. " * 3 + "Say something about it.")
         assert chat.last.finish_reason in ("stop", "length") and chat.last.completion_tokens >= 1
+    chat.command("/stats")
     if not evict.evicts:
         assert "dropped the 2 oldest messages" in err.getvalue() and len(chat.messages) == 2
         assert chat.last.prompt_tokens + chat.last.completion_tokens <= 128
+        assert chat.last.eviction is None and "took over" not in err.getvalue()
+        assert re.search(r"eviction\s+off \(full attention", err.getvalue()), err.getvalue()  # /stats
     else:
         assert "dropped" not in err.getvalue() and len(chat.messages) == 4
         assert chat.last.prompt_tokens > 128 and chat.last.kv_len <= 32 + 64
+        m = re.match(r"KV range of \d+ slots full after [\d,]+ tokens: streaming eviction took over, keeping 32 "
+                     r"entries \((\d+) compressions so far\)", chat.last.eviction or "")
+        assert m and int(m.group(1)) >= 1, chat.last.eviction
+        assert re.search(r"eviction\s+streaming: streaming keeps 32 entries from the first overflow", err.getvalue())
+        assert "last answer: KV range" in err.getvalue().replace("\n", " ").replace("│", " "), err.getvalue()
+
+
+def test_ctrl_c_shows_nothing_of_the_step_it_lands_in(smol_model_dir):
+    """After Ctrl-C the text of the step that was running still printed."""
+    chat, err = in_process(smol_model_dir, 40, kv_tokens=1024)
+    streams = chat.llm.streams
+
+    def interrupted_streams():
+        live = streams()
+        step = live.step
+
+        def step_and_ctrl_c():
+            deltas = step()
+            if any(d.text for d in deltas):
+                chat._on_interrupt(signal.SIGINT, None)  # the signal arrives while this step runs
+            return deltas
+
+        live.step = step_and_ctrl_c
+        return live
+
+    chat.llm.streams = interrupted_streams
+    chat.turn("Write a long story about a dragon.")
+    assert chat.last.finish_reason == "abort" and "(stopped)" in err.getvalue()
+    assert chat.out.file.getvalue().strip() == "" and chat.messages[-1]["content"] == ""
 
 
 def test_an_over_long_message_is_refused_before_any_turn_is_dropped(smol_model_dir, tmp_path):

@@ -35,8 +35,14 @@ def test_budget_at_least_the_text_equals_full_attention_exactly(tiny):
     model = load_model(tiny, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     base = evict("full", 256, divide_length=32, stats="auto")
-    rows = evaluate(model, [ids, ids[::-1]], standard_runs(list(POLICIES), [256], base, ablations=True, online=True))
+    calls = []
+    rows = evaluate(model, [ids, ids[::-1]], standard_runs(list(POLICIES), [256], base, ablations=True, online=True),
+                    progress=lambda what, done, total: calls.append((what, done, total)))
     assert len(rows) == 1 + len(EVICTING) + 6
+    # the progress bar's figures: tokens forced so far by the full-attention reference and every run, per window
+    total = 2 * 200 * (1 + len(rows))
+    assert calls[-1][1:] == (total, total) and calls[0][0].startswith("window 1/2")
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)
     for r in rows:
         assert (r.kl, r.top1, r.evictions) == (0.0, 1.0, 0), r.label
         assert r.ppl == r.ppl_full

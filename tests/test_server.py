@@ -152,14 +152,17 @@ def test_tool_calls_come_back_as_tool_calls(client):
         chat(client, tools="get_weather")
 
 
-def raw_post(url: str, body, headers: dict, method: str = "POST") -> tuple[int, dict]:
-    """A request the openai client would never send: bad headers, a chunked body, another method."""
+def raw_post(url: str, body, headers: dict, method: str = "POST", path: str = "/v1/chat/completions",
+             allow: list | None = None) -> tuple[int, dict]:
+    """A request the openai client would never send: bad headers, a chunked body, another method. allow: gets the
+    reply's Allow header."""
     host, port = url.split("//")[1].split("/")[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request(method, "/v1/chat/completions", body=body, headers=headers,
-                     encode_chunked=not isinstance(body, bytes))
+        conn.request(method, path, body=body, headers=headers, encode_chunked=not isinstance(body, bytes))
         r = conn.getresponse()
+        if allow is not None:
+            allow.append(r.getheader("Allow"))
         return r.status, json.loads(r.read())
     finally:
         conn.close()
@@ -192,11 +195,28 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server):
     body = json.dumps({"model": "smol", "messages": QUESTION, "max_tokens": 6, "n": None}).encode()
     assert raw_post(server[0], body, {"Content-Length": "many"})[0] == 400
     assert raw_post(server[0], body, {"Content-Length": str(len(body))}, method="PUT")[0] == 405
+    allow = []  # a route asked with the other method is a 405 naming the right one (README promises it), not a 404
+    assert raw_post(server[0], None, {}, method="GET", allow=allow)[0] == 405  # or a 400 for a body-less POST:
+    for path in ("/v1/models", "/health"):
+        status, answer = raw_post(server[0], None, {}, path=path, allow=allow)
+        assert status == 405 and "takes GET" in answer["error"]["message"]
+    assert allow == ["POST", "GET", "GET"]
+    assert raw_post(server[0], None, {}, path="/v1/nowhere")[0] == 404
     status, answer = raw_post(server[0], iter([body[:20], body[20:]]), {"Content-Type": "application/json"})
     assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]  # a chunked upload
     assert health(server[0])["status"] == "ok"
     assert "Paris" in chat(client).choices[0].message.content
     assert "Traceback" not in server[1].read_text()
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(server, smol_model_dir, tmp_path):
+    port = server[0].split(":")[2].split("/")[0]  # the served port: taken
+    r = subprocess.run([sys.executable, "-m", "openclaw", "serve", str(smol_model_dir), "--port", port, "--device",
+                        "cpu"], check=False, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "200", "OPENCLAW_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "loaded" not in r.stderr and "Traceback" not in r.stderr  # refused first, not after loading the model
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_thinking_dir):
@@ -205,9 +225,8 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
                            evict=EvictionConfig(policy="full")))
     server = make_server(llm, Api(llm, "smol-think", 40), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x",
-                               max_retries=0)
         r = client.chat.completions.create(model="smol-think", messages=STORY, temperature=0,
                                            extra_body={"thinking_budget": 6})
         msg = r.choices[0].message
@@ -239,6 +258,7 @@ def test_reasoning_content_is_separate_and_a_gone_client_frees_its_slots(smol_th
                                              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert "Paris" in off.choices[0].message.content
     finally:
+        client.close()  # its pooled connections (left open, they warned of an unclosed socket at exit)
         server.shutdown()
         server.loop.stop()
         server.server_close()

@@ -158,10 +158,12 @@ class _Totals:
 
 def evaluate(model: torch.nn.Module, windows: list[list[int]], runs: list[tuple[str, EvictionConfig]],
              stats: TriStats | None = None, start: int = 0, prompt_len: int = 0,
-             progress: Callable[[str], None] | None = None, online: QueryStats | None = None) -> list[Row]:
+             progress: Callable[[str, int, int], None] | None = None, online: QueryStats | None = None) -> list[Row]:
     """One Row per (label, config) in runs, pooled over windows; full attention is the reference of each window.
-    online: the running statistics `auto` runs warm-start from, as the engine's do (warm_start)."""
+    online: the running statistics `auto` runs warm-start from, as the engine's do (warm_start). progress(what,
+    tokens done, tokens) after each chunk: tokens the reference and every run have forced."""
     totals = {label: _Totals() for label, _ in runs}
+    total, before = (1 + len(runs)) * sum(map(len, windows)), 0
     for w, ids in enumerate(windows):
         if start >= len(ids) - 1:
             raise ValueError(f"scoring from position {start} leaves nothing to score in a window of {len(ids)} tokens")
@@ -177,9 +179,10 @@ def evaluate(model: torch.nn.Module, windows: list[list[int]], runs: list[tuple[
             for label, run in live:
                 if run.done:
                     continue
-                if progress:
-                    progress(f"window {w + 1}/{len(windows)}: {label} at token {run.seq.num_computed}")
                 p, lp = run.step()
+                if progress:
+                    done = before + ref.seq.num_computed + sum(r.seq.num_computed for _, r in live)
+                    progress(f"window {w + 1}/{len(windows)}: {label}", min(done, total), total)
                 end = p + len(lp)
                 while not ref.done and (not held or held[-1][0] + len(held[-1][1]) < end):
                     held.append(ref.step())
@@ -192,6 +195,9 @@ def evaluate(model: torch.nn.Module, windows: list[list[int]], runs: list[tuple[
                 held.pop(0)
         for label, run in live:
             totals[label].close_window(run.evictions)
+        before += (1 + len(runs)) * len(ids)
+        if progress:
+            progress(f"window {w + 1}/{len(windows)}", before, total)
     rows = []
     for label, cfg in runs:
         t = totals[label]

@@ -64,16 +64,21 @@ def run_needles(model, cases: list[Case], runs: list[tuple[str, EvictionConfig]]
                 progress=None, online: QueryStats | None = None) -> list[dict]:
     """Per run: exact-match rate and mean answer log-prob with the needle, and on the wrong-name control; the
     no-needle control is measured once with full attention: the model's prior for the answer. It is no floor for an
-    evicting run: a partly kept needle can lead to a confident wrong answer, below the prior."""
+    evicting run: a partly kept needle can lead to a confident wrong answer, below the prior. progress(what, tokens
+    done, tokens) after each case."""
     rows = []
+    forced = [len(c.haystack + c.question) + len(c.haystack + c.wrong_question) + 2 * len(c.answer) for c in cases]
+    total = sum(len(c.bare + c.question + c.answer) for c in cases) + len(runs) * sum(forced)
     bare = [answer_score(model, c.bare + c.question, c.answer, FULL, None)[0] for c in cases]
+    done = total - len(runs) * sum(forced)
     for label, cfg in runs:
         hit, lp, wrong_hit, wrong_lp = 0, 0.0, 0, 0.0
         for i, c in enumerate(cases):
-            if progress:
-                progress(f"{label}: case {i + 1}/{len(cases)}")
             a, ok = answer_score(model, c.haystack + c.question, c.answer, cfg, stats, online)
             b, wrong_ok = answer_score(model, c.haystack + c.wrong_question, c.answer, cfg, stats, online)
+            done += forced[i]
+            if progress:
+                progress(f"{label}: case {i + 1}/{len(cases)}", done, total)
             hit, lp, wrong_hit, wrong_lp = hit + ok, lp + a, wrong_hit + wrong_ok, wrong_lp + b
         n = len(cases)
         rows.append({"label": label, "policy": cfg.policy, "budget": cfg.budget if cfg.evicts else None,

@@ -7,6 +7,7 @@ does not write files (stats_file.py, query_stats.py), generate traces (openclaw.
 (openclaw.evict.evictor).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +44,11 @@ class StatsTaps:
 
 
 @torch.inference_mode()
-def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512) -> QueryStats:
+def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk: int = 512,
+              progress: Callable[[str, int, int], None] | None = None) -> QueryStats:
     """Run ids through the model in independent contexts of `context` tokens, in chunks of `chunk` through the
-    engine's scheduler and runner; accumulate pre-RoPE query stats."""
+    engine's scheduler and runner; accumulate pre-RoPE query stats. progress(what, tokens done, tokens) after each
+    chunk."""
     cfg, bands = model.config, model.bands
     norm = model.model.norm.weight  # a plain parameter in the activation dtype, also when the embedding is quantized
     device, dtype = norm.device, norm.dtype
@@ -62,6 +65,8 @@ def calibrate(model: torch.nn.Module, ids: list[int], context: int = 4096, chunk
             batch = scheduler.schedule()
             runner.step(batch, taps, rows=[])
             scheduler.advance(batch)
+            if progress:
+                progress("calibrating", start + seq.num_computed, len(ids))
         scheduler.finish(seq, "length")
     return stats
 

@@ -68,7 +68,10 @@ def load_stats(path: Path, model: dict, omega: torch.Tensor) -> TriStats:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise OpenClawError(f"stats file {path} does not exist; make one with `openclaw calibrate`") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # incl. files needing code
+    except pickle.UnpicklingError:  # torch's text here suggests weights_only=False, which would run the file's code
+        raise OpenClawError(f"{path} is not a stats file: it is not a torch.save file of tensors and plain data; "
+                            "make one with `openclaw calibrate`") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's refusals run over many lines
         raise OpenClawError(f"{path} is not a loadable stats file ({type(e).__name__}: {first})") from None
     if isinstance(data, dict) and data.get("format") == SUMS_FORMAT:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from openclaw.config import ServerConfig
 from openclaw.errors import OpenClawError
 from openclaw.llm import LLM, Delta, Request
 from openclaw.server.openai_api import ApiError, Reply, parse_chat, parse_completion
@@ -128,6 +129,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "Server"
     streaming = False  # headers of a stream are out: errors go in-band from then on
+    allow = "GET, POST"  # a 405's Allow header: the methods the path takes
 
     def setup(self) -> None:
         self.timeout = self.server.config.read_timeout  # every read and write of this connection
@@ -145,17 +147,17 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200 if ok else 503, {"status": "ok" if ok else "down", "max_batch": loop.max_batch,
                                             "max_seqs": self.server.api.llm.config.max_seqs, **loop.load})
         else:
-            self._error(ApiError(404, f"no route GET {path}", code="not_found"))
+            self._error(self._no_route(path))
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0].rstrip("/")
         parse = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}.get(path)
         job = None
         try:
-            body = self._body()  # read first, so an error reply leaves no unread bytes on a kept-alive connection
             if parse is None:
-                raise ApiError(404, f"no route POST {path}", code="not_found")
-            request, reply = parse(self.server.api, body)
+                self._raw_body()  # read first, so an error reply leaves no unread bytes on a kept-alive connection
+                raise self._no_route(path)
+            request, reply = parse(self.server.api, self._body())
             job = self.server.loop.submit(request)
             first = self._next(job)
             if isinstance(first, ApiError):
@@ -177,7 +179,17 @@ class Handler(BaseHTTPRequestHandler):
             if job is not None:  # gone, failed or done: free its slots (a finished job is already forgotten)
                 job.cancelled.set()
 
+    def _no_route(self, path: str) -> ApiError:
+        """405 for a route of the other method (GET /v1/chat/completions, POST /health), else 404."""
+        get = path in ("/v1/models", "/v1/models/" + self.server.api.model_name, "/health", "/v1/health")
+        allowed = "GET" if get else "POST" if path in ("/v1/chat/completions", "/v1/completions") else None
+        if allowed is None:
+            return ApiError(404, f"no route {self.command} {path}", code="not_found")
+        self.allow = allowed
+        return ApiError(405, f"{path} takes {allowed}, not {self.command}", code="method_not_allowed")
+
     def _no_method(self) -> None:
+        self.allow = "GET, POST"
         try:
             self._raw_body()  # read it, so a kept-alive connection stays usable
             raise ApiError(405, f"{self.command} is not supported; use GET or POST", code="method_not_allowed")
@@ -302,6 +314,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
+        if status == 405:
+            self.send_header("Allow", self.allow)
         self.end_headers()
         self.wfile.write(data)
 
@@ -320,13 +334,20 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the listen backlog: connections the kernel holds before accept
 
-    def __init__(self, address: tuple[str, int], api, loop: EngineLoop, log: Callable[[str], None]):
-        super().__init__(address, Handler)
-        self.api, self.loop, self.log = api, loop, log
-        self.config = api.limits
+    def __init__(self, address: tuple[str, int], limits: ServerConfig, log: Callable[[str], None] = lambda line: None):
+        """Bound and listening at once (port 0 picks a free one: server_address), so that a busy port is refused
+        before the model loads; it answers once start() has given it the API and its engine thread."""
+        self.api, self.loop, self.log = None, None, log
+        self.config = limits
         self.connections = threading.BoundedSemaphore(self.config.max_connections)
         self.open: set[socket.socket] = set()  # connections with a handler thread, closed by server_close
         self.open_lock = threading.Lock()
+        super().__init__(address, Handler)  # last: a failed bind calls server_close, which needs the above
+
+    def start(self, llm: LLM, api) -> None:
+        """Start llm's engine thread; serve_forever answers api's routes from then on."""
+        self.api, self.loop = api, EngineLoop(llm, self.log)
+        self.loop.start()
 
     def process_request(self, request, client_address) -> None:
         """A thread per connection, up to max_connections; past that a 503 at once, so that stalled clients can never
@@ -380,9 +401,9 @@ class Server(ThreadingHTTPServer):
 
 def make_server(llm: LLM, api, host: str, port: int, log: Callable[[str], None] = lambda line: None) -> Server:
     """A bound server (port 0 picks a free one: server.server_address) with its engine thread started."""
-    loop = EngineLoop(llm, log)
-    loop.start()
-    return Server((host, port), api, loop, log)
+    server = Server((host, port), api.limits, log)
+    server.start(llm, api)
+    return server
 
 
 def serve_until_interrupted(server: Server) -> None:

@@ -18,8 +18,12 @@ from importlib import resources
 from pathlib import Path
 
 from openclaw.errors import OpenClawError
-from openclaw.models import FAMILIES
 from openclaw.weights.integrity import MARKER, RECORD, damage, read_files
+
+# The config.json model_types a family in openclaw.models defines (its FAMILIES table), spelled out here so that
+# listing models and refusing unknown names stays instant: importing the families imports torch (seconds on a busy
+# machine). tests/test_cli_tool.py holds the two equal.
+MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "glm4", "glm4_moe_lite"})
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _CHUNK = 1 << 20
@@ -53,7 +57,7 @@ class ManifestEntry:
     @property
     def supported(self) -> bool:
         """Whether a model family defines its architecture (openclaw.models.FAMILIES)."""
-        return self.architecture in FAMILIES
+        return self.architecture in MODEL_TYPES
 
     @property
     def raw_config(self) -> dict:
@@ -133,9 +137,21 @@ def resolve_model(
         if path.suffix.lower() == ".gguf":
             return _import_gguf(path.resolve(), cache_dir, progress, quantized, verify)
         raise OpenClawError(f"{spec} is neither a .gguf file nor a model directory with config.json")
-    if path.suffix.lower() == ".gguf" or any(c in spec for c in ("/", os.sep, "~")) or spec.startswith("."):
-        raise OpenClawError(f"{spec}: no such file or directory")
-    raise OpenClawError(_unknown_model_message(spec, list(manifest)))
+    raise _missing(spec, manifest)
+
+
+def check_spec(spec: str | None, manifest: dict[str, ManifestEntry] | None = None) -> None:
+    """Refuse a spec that names neither a manifest model nor an existing path, as resolve_model would, but at once:
+    the CLI asks before it imports torch and loads anything."""
+    manifest = load_manifest() if manifest is None else manifest
+    if manifest_entry(spec, manifest) is None and not Path(spec).expanduser().exists():
+        raise _missing(spec, manifest)
+
+
+def _missing(spec: str, manifest: dict[str, ManifestEntry]) -> OpenClawError:
+    if Path(spec).suffix.lower() == ".gguf" or any(c in spec for c in ("/", os.sep, "~")) or spec.startswith("."):
+        return OpenClawError(f"{spec}: no such file or directory")
+    return OpenClawError(_unknown_model_message(spec, list(manifest)))
 
 
 def manifest_entry(spec: str | None, manifest: dict[str, ManifestEntry] | None = None) -> ManifestEntry | None:
