@@ -138,7 +138,8 @@ def test_compressor_tracks_positions_through_repeated_evictions(policy):
             record = step.bind(torch.tensor(step.rows).view(len(step.rows), n), rows, pos.long())
             for _ in range(L):
                 q = torch.randn(n, H, D, generator=g)
-                record(q, q)
+                if record is not None:  # h2o taps no queries: its attention mass comes from the attention kernel
+                    record(q, q)
         seq.num_computed += n
         seq.kv_len += n
         if comp.due(seq):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import full_forward
 
-from openclaw.engine.memory import GIB, loaded_bytes, plan_model
+from openclaw.engine.memory import GIB, GRAPH_OVERHEAD, loaded_bytes, plan_model
 from openclaw.errors import OpenClawError
 from openclaw.weights.formats import iter_quantized
 from openclaw.weights.gguf_blocks import REPACKED, gguf_to_quant, iter_gguf
@@ -315,26 +315,33 @@ def test_qwen3_32b_q4_k_m_weight_bytes_by_hand():
 
 
 def test_qwen3_32b_q4_k_m_gguf_plan_fits_24_gib_for_one_budget_2048_sequence(tmp_path, monkeypatch):
-    """`openclaw plan Qwen3-32B-Q4_K_M.gguf --vram 24 --kv-budget 2048`, the header read replaced by its real tensor
-    types: 21.46 GiB of weights leave 2,662 KV tokens (256 KiB each) beside the decode graphs, one sequence of budget
-    2048 + 128; at --vram 22
-    the refusal names the numbers, the GGUF repacking's bits per weight and the AWQ model that fits."""
+    """`openclaw plan Qwen3-32B-Q4_K_M.gguf --vram 24 --kv-budget 2048 --max-seqs 1`, the header read replaced by its
+    real tensor types: 21.46 GiB of weights leave 3,245 KV tokens (256 KiB each) beside the decode graphs (one batch
+    size, length buckets up to 4096), one sequence of budget 2048 + 128; with 16 sequences the graphs of five batch
+    sizes leave too few for one; at --vram 22 the refusal names the numbers, the GGUF repacking's bits per weight and
+    the AWQ model that fits."""
     import openclaw.weights.gguf_blocks
 
     monkeypatch.setattr(openclaw.weights.gguf_blocks, "gguf_tensor_layouts",
                         lambda path: (dict(QWEN3_32B), q4_k_m_tensors(QWEN3_32B)))
     path = tmp_path / "Qwen3-32B-Q4_K_M.gguf"
     path.touch()
-    p, name, fitting = plan_model(str(path), tmp_path, 24, 2048)
+    p, name, fitting = plan_model(str(path), tmp_path, 24, 2048, max_seqs=1)
     assert p.weights == 23_047_251_968 and "gguf" in p.weight_format
     fixed = p.context + p.workspace + p.weights + p.activations + p.graphs + p.graph_overhead
-    assert p.kv_tokens == (24 * GIB - fixed) // (256 * 1024) == 2662
+    assert p.graph_overhead == 5 * GRAPH_OVERHEAD  # length buckets 256 .. 4096: the pool is shorter than 4096
+    assert p.kv_tokens == (24 * GIB - fixed) // (256 * 1024) == 3245
     assert p.seqs == 1 and p.fits()
+    p16, _, _ = plan_model(str(path), tmp_path, 24, 2048, max_seqs=16)
+    assert p16.seqs == 0 and not p16.fits() and p16.graph_overhead == 5 * 5 * GRAPH_OVERHEAD  # buckets to 4096
     p, name, fitting = plan_model(str(path), tmp_path, 22, None)
     assert "Qwen3-32B" in fitting  # the AWQ checkpoint
-    with pytest.raises(OpenClawError, match=r"does not fit in 22.0 GiB: weights 21.46 GiB .*--vram 23\.6 or more"
+    with pytest.raises(OpenClawError, match=r"does not fit in 22.0 GiB: weights 21.46 GiB .*--vram 23\.8 or more"
                                             r".*Q6_K: 9 bits per weight.*AWQ.*models that fit: .*Qwen3-32B"):
         p.require(name, smaller=fitting)
+    # what the refusal names is enough, and more memory never plans a smaller pool (graphs counted per bucket)
+    pools = [plan_model(str(path), tmp_path, v / 10, None)[0].kv_tokens for v in range(236, 250)]
+    assert pools[2] >= 1024 > pools[1] and pools == sorted(pools)
 
 
 @pytest.mark.slow

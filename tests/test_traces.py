@@ -69,7 +69,8 @@ def test_calibrate_generate_adds_to_the_cache_statistics_or_writes_a_file(tiny, 
     in-process calibration of the same traces gives them) go into the cache's online statistics, which the next
     run adds to; with --out into a stats file that loads for this model."""
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
-    args = ["calibrate", tiny, "--generate", "48", "--prompts", tmp_path / "prompts.txt", "--device", "cpu"]
+    args = ["calibrate", tiny, "--generate", "48", "--prompts", tmp_path / "prompts.txt", "--device", "cpu",
+            "--dtype", "float32"]  # the reference below is computed in float32
     r = openclaw(*args, home=tmp_path)
     assert r.returncode == 0, r.stderr
     model = load_model(tiny, torch.device("cpu"), torch.float32)

@@ -8,6 +8,7 @@ not fit). The engine asks for the plan first and hands the loader what it decide
 nothing; the engine refuses a plan that does not fit (Plan.require) and caps PyTorch's allocator (cap_allocator).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,11 @@ def activation_bytes(cfg, dtype_bytes: int, max_batch_tokens: int, max_seqs: int
     return cfg.activation_bytes(max_batch_tokens, cfg.max_position_embeddings, dtype_bytes) + logits
 
 
-def graph_bytes(cfg, dtype_bytes: int, max_seqs: int) -> tuple[int, int]:
+def graph_bytes(cfg, dtype_bytes: int, max_seqs: int, max_len: int) -> tuple[int, int]:
     """(bytes in PyTorch's allocator, driver bytes) of the batched decode graphs (openclaw.engine.graphs) at their
     bound: the shared logits buffer; the one memory pool, which holds the largest step's transients (a step of
-    max_seqs rows: activations, logits, decode attention's partials); and each graph's own driver memory."""
+    max_seqs rows: activations, logits, decode attention's partials); and each graph's own driver memory, for every
+    (batch bucket, length bucket up to max_len, the longest cache a sequence can reach)."""
     rows, vocab = max_seqs, cfg.vocab_size
     heads = cfg.num_attention_heads
     hkv, key_width, value_width = cfg.cache_shape()
@@ -51,7 +53,7 @@ def graph_bytes(cfg, dtype_bytes: int, max_seqs: int) -> tuple[int, int]:
     partitions = WAVES * MAX_SMS // hkv + rows  # rows x partitions at most (kernels/decode_attention.num_partitions)
     step = (cfg.activation_bytes(rows, 0, dtype_bytes) + rows * vocab * (dtype_bytes + 4)
             + partitions * heads * (out_width + 2) * 4)
-    graphs = len(batch_buckets(max_seqs)) * len(len_buckets(cfg.max_position_embeddings))
+    graphs = len(batch_buckets(max_seqs)) * len(len_buckets(max_len))
     return rows * vocab * 4 + step, graphs * GRAPH_OVERHEAD
 
 
@@ -97,6 +99,7 @@ class Plan:
     divide_length: int = 128
     weight_format: str = ""  # how the weights are held, for the printed plan
     hint: str = ""  # appended to the refusal: what another --quantize (or another file) would change
+    kv_limit: int | None = None  # the pool's most tokens: the decode graphs were counted for caches up to this many
 
     @property
     def kv_pool(self) -> int:
@@ -105,7 +108,8 @@ class Plan:
 
     @property
     def kv_tokens(self) -> int:
-        return max(0, self.kv_pool // self.kv_bytes_per_token)
+        tokens = max(0, self.kv_pool // self.kv_bytes_per_token)
+        return tokens if self.kv_limit is None else min(tokens, self.kv_limit)
 
     @property
     def slots_per_seq(self) -> int | None:
@@ -146,7 +150,7 @@ class Plan:
                f"{max(self.kv_pool, 0) / GIB:.2f} GiB "
                f"for the KV cache ({self.kv_tokens} tokens) but {need} tokens need "
                f"{need * self.kv_bytes_per_token / GIB:.2f} GiB; it needs --vram "
-               f"{(self.cap + lacking) / GIB:.1f} or more")
+               f"{math.ceil((self.cap + lacking) / GIB * 10) / 10:.1f} or more")
         if self.kv_budget is not None and self.kv_tokens > self.divide_length + 256:
             msg += f", or a --kv-budget of at most {self.kv_tokens - self.divide_length}"
         fits = f"; models that fit: {', '.join(smaller)}" if smaller else "; `openclaw models` lists smaller models"
@@ -162,15 +166,34 @@ class Plan:
 
 def plan(cfg, weights: int, cap: int, context: int = CONTEXT_ESTIMATE, dtype_bytes: int = 2,
          max_batch_tokens: int = 512, max_seqs: int = 16, kv_budget: int | None = None,
-         divide_length: int = 128, evict: EvictionConfig | None = None, cuda_graphs: bool = True) -> Plan:
+         divide_length: int = 128, evict: EvictionConfig | None = None, cuda_graphs: bool = True,
+         min_kv: int | None = None) -> Plan:
     """The plan for a model of config `cfg` (a family config dataclass) whose weights take `weights` bytes; evict:
-    the eviction policy whose device state to count."""
-    graphs, overhead = graph_bytes(cfg, dtype_bytes, max_seqs) if cuda_graphs else (0, 0)
-    return Plan(cap=cap, context=context, workspace=WORKSPACE, weights=weights,
-                activations=activation_bytes(cfg, dtype_bytes, max_batch_tokens, max_seqs),
-                kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes) + mass_bytes_per_token(cfg, evict), graphs=graphs, graph_overhead=overhead,
-                eviction=eviction_bytes(cfg, evict, max_seqs, dtype_bytes), kv_budget=kv_budget,
-                divide_length=divide_length)
+    the eviction policy whose device state to count; min_kv: the pool the user asked for (--kv-tokens)."""
+    longest = cfg.max_position_embeddings
+
+    def build(max_len: int) -> Plan:
+        graphs, overhead = graph_bytes(cfg, dtype_bytes, max_seqs, max_len) if cuda_graphs else (0, 0)
+        return Plan(cap=cap, context=context, workspace=WORKSPACE, weights=weights,
+                    activations=activation_bytes(cfg, dtype_bytes, max_batch_tokens, max_seqs),
+                    kv_bytes_per_token=cfg.kv_bytes_per_token(dtype_bytes) + mass_bytes_per_token(cfg, evict),
+                    graphs=graphs, graph_overhead=overhead, eviction=eviction_bytes(cfg, evict, max_seqs, dtype_bytes),
+                    kv_budget=kv_budget, divide_length=divide_length)
+
+    whole = build(longest)
+    if not cuda_graphs:
+        return whole
+    # the engine captures length buckets only up to its pool (Runner: no cache outgrows it). A pool limited to a bucket
+    # top T needs only the graphs up to T: keep the T whose pool is largest (ties: the smallest T, whose refusal
+    # names the least memory), counting from the pool a refusal asks for (Plan.need), so that its "needs --vram"
+    # holds and more memory never plans a smaller pool
+    best = None
+    for top in len_buckets(longest)[:-1]:
+        if top >= whole.need(min_kv):
+            p = build(top)
+            p.kv_limit = top
+            best = p if best is None or p.kv_tokens > best.kv_tokens else best
+    return whole if best is None or whole.kv_tokens > best.kv_tokens else best
 
 
 def loaded_bytes(model) -> int:
@@ -235,7 +258,7 @@ def gpu_plan(model_dir: Path, name: str, device, dtype, vram: float | None, max_
 
     def make(weights: int) -> Plan:
         return plan(cfg, weights, cap, context, dtype.itemsize, max_batch_tokens, max_seqs, kv_budget, divide_length,
-                    evict, cuda_graphs)
+                    evict, cuda_graphs, kv_tokens)
 
     p, nf4 = weight_plan(raw, lambda q: checkpoint_weight_bytes(model_dir, dtype.itemsize, q), make, quantize,
                          kv_tokens)
