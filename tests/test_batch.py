@@ -122,12 +122,15 @@ def test_ctrl_c_keeps_every_finished_answer_and_says_how_many_are_missing(smol_m
     signal.signal(signal.SIGINT, previous)
     os.close(terminal)
     shown, deadline = b"", time.monotonic() + 300
-    while b"3/6" not in shown:  # the quick items are done, the slow ones decode
-        assert proc.poll() is None and time.monotonic() < deadline, shown.decode(errors="replace")
-        if select.select([master], [], [], 0.5)[0]:
-            shown += os.read(master, 65536)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    try:
+        while b"3/6" not in shown:  # the quick items are done, the slow ones decode
+            assert proc.poll() is None and time.monotonic() < deadline, shown.decode(errors="replace")
+            if select.select([master], [], [], 0.5)[0]:
+                shown += os.read(master, 65536)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()  # a failed check leaves no decoding child behind (a no-op once it has exited)
     while select.select([master], [], [], 0.2)[0]:
         try:
             shown += os.read(master, 65536)
