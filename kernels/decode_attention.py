@@ -30,6 +30,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def _partition(base_ptr, len_ptr, i_b, i_p, n_p, MIN_PART: tl.constexpr):
+    """Row i_b's slot base and the keys [start, end) of its partition i_p of n_p: the row's length split into
+    min(n_p, cdiv(n, MIN_PART)) runs of equal length (rounded up to 16 keys); the partitions past them are empty."""
+    base = tl.load(base_ptr + i_b).to(tl.int64)
+    n = tl.load(len_ptr + i_b).to(tl.int64)
+    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
+    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
+    start = i_p * part_len
+    return base, start, tl.minimum(start + part_len, n)
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml_ptr, scale,
                              stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -46,12 +58,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, base_ptr, len_ptr, acc_ptr, ml
     n_p = tl.num_programs(1)
     i_b = i_bg // HKV
     i_g = i_bg % HKV
-    base = tl.load(base_ptr + i_b).to(tl.int64)
-    n = tl.load(len_ptr + i_b).to(tl.int64)
-    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
-    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
-    start = i_p * part_len
-    end = tl.minimum(start + part_len, n)
+    base, start, end = _partition(base_ptr, len_ptr, i_b, i_p, n_p, MIN_PART)
     o_g = tl.arange(0, BLOCK_G)
     o_d = tl.arange(0, BLOCK_D)
     m_g = o_g < G
@@ -131,12 +138,7 @@ def _decode_mass_kernel(q_ptr, k_ptr, base_ptr, len_ptr, slot_ptr, lse_ptr, mass
     n_p = tl.num_programs(1)
     i_b = i_bg // HKV
     i_g = i_bg % HKV
-    base = tl.load(base_ptr + i_b).to(tl.int64)
-    n = tl.load(len_ptr + i_b).to(tl.int64)
-    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
-    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
-    start = i_p * part_len
-    end = tl.minimum(start + part_len, n)
+    base, start, end = _partition(base_ptr, len_ptr, i_b, i_p, n_p, MIN_PART)
     if HAS_SLOTS:
         end = tl.where(tl.load(slot_ptr + i_b) >= 0, end, start)
     o_g = tl.arange(0, BLOCK_G)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import MIN_PARTITION, _decode_combine_kernel, num_partitions
+from .decode_attention import MIN_PARTITION, _decode_combine_kernel, _partition, num_partitions
 
 # keys per loop step and the launch, not yet tuned on a GPU: 8 warps share the [heads, 512] fp32 accumulator
 BLOCK_N, NUM_WARPS, NUM_STAGES = 32, 8, 2
@@ -32,12 +32,7 @@ def _mla_decode_kernel(q_ptr, c_ptr, base_ptr, len_ptr, acc_ptr, ml_ptr, scale, 
     i_b = tl.program_id(0).to(tl.int64)
     i_p = tl.program_id(1).to(tl.int64)
     n_p = tl.num_programs(1)
-    base = tl.load(base_ptr + i_b).to(tl.int64)
-    n = tl.load(len_ptr + i_b).to(tl.int64)
-    runs = tl.minimum(n_p, tl.cdiv(n, MIN_PART))
-    part_len = tl.cdiv(tl.cdiv(n, runs), 16) * 16
-    start = i_p * part_len
-    end = tl.minimum(start + part_len, n)
+    base, start, end = _partition(base_ptr, len_ptr, i_b, i_p, n_p, MIN_PART)
     o_h = tl.arange(0, BLOCK_H)
     o_r = tl.arange(0, BLOCK_R)
     o_e = tl.arange(0, BLOCK_E)
